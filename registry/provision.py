@@ -1,0 +1,132 @@
+"""Streams, bucket and consumer from the JSON files under nats/ (one definition).
+
+The files are what `nats stream add --config FILE` takes; we send them to the
+JetStream API as they are, so the CLI and the registry cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from nats.aio.client import Client
+
+from registry import protocol
+from registry.embedded import DEFINITIONS
+
+STREAM_FILES = ("streams/WORKER_EVENTS.json", "streams/WORKER_AVAILABILITY.json", "kv/workers.json")
+CONSUMER_FILE = "consumers/registry-projector.json"
+STREAM_EXISTS = 10058
+
+
+class ProvisionError(RuntimeError):
+    """A definition conflicts with what the server holds; one line for people."""
+
+
+@dataclass(frozen=True)
+class Names:
+    """Stream/bucket names; tests use unique ones, production the contract's."""
+
+    events: str = protocol.EVENTS_STREAM
+    availability: str = protocol.AVAILABILITY_STREAM
+    bucket: str = protocol.BUCKET
+    consumer: str = protocol.PROJECTOR_CONSUMER
+    prefix: str = "worker"
+
+    @property
+    def kv_stream(self) -> str:
+        return f"KV_{self.bucket}"
+
+    def subject(self, kind: str, worker_id: str) -> str:
+        return f"{self.prefix}.{kind}.{worker_id}"
+
+
+DEFAULT_NAMES = Names()
+
+
+def load_definition(relpath: str, root: Path = DEFINITIONS) -> dict[str, Any]:
+    return json.loads((root / relpath).read_text())
+
+
+def stream_configs(names: Names, replicas: int = 1) -> list[dict[str, Any]]:
+    """The three stream definitions, renamed for `names` (a no-op by default)."""
+    events, avail, kv = (load_definition(f) for f in STREAM_FILES)
+    events["name"] = names.events
+    events["subjects"] = [f"{names.prefix}.{k}.*" for k in protocol.EVENT_KINDS]
+    avail["name"] = names.availability
+    avail["subjects"] = [f"{names.prefix}.available.*"]
+    kv["name"] = names.kv_stream
+    kv["subjects"] = [f"$KV.{names.bucket}.>"]
+    for cfg in (events, avail, kv):
+        cfg["num_replicas"] = replicas
+    return [events, avail, kv]
+
+
+def consumer_config(names: Names, start_seq: int) -> dict[str, Any]:
+    cfg = load_definition(CONSUMER_FILE)
+    cfg["durable_name"] = names.consumer
+    if start_seq > 1:
+        cfg["deliver_policy"] = "by_start_sequence"
+        cfg["opt_start_seq"] = start_seq
+    return cfg
+
+
+async def api(nc: Client, subject: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
+    payload = json.dumps(body).encode() if body is not None else b""
+    msg = await nc.request(f"$JS.API.{subject}", payload, timeout=5.0)
+    result: dict[str, Any] = json.loads(msg.data)
+    return result
+
+
+def config_diff(wanted: dict[str, Any], actual: dict[str, Any]) -> list[str]:
+    skip = {"description"}
+    return [
+        f"{k}: server has {actual.get(k)!r}, definition says {v!r}"
+        for k, v in wanted.items()
+        if k not in skip and actual.get(k) != v
+    ]
+
+
+async def ensure_stream(nc: Client, cfg: dict[str, Any]) -> bool:
+    """Create the stream, or check that the existing one matches. True if created."""
+    name = cfg["name"]
+    info = await api(nc, f"STREAM.INFO.{name}")
+    if "error" not in info:
+        diff = config_diff(cfg, info["config"])
+        if diff:
+            raise ProvisionError(f"stream {name} exists with a different config: " + "; ".join(diff))
+        return False
+    resp = await api(nc, f"STREAM.CREATE.{name}", cfg)
+    if "error" in resp:
+        raise ProvisionError(f"cannot create stream {name}: {resp['error'].get('description')}")
+    return True
+
+
+async def provision(nc: Client, names: Names = DEFAULT_NAMES, replicas: int = 1) -> bool:
+    """Streams and bucket; harmless to repeat. True if the bucket was created now."""
+    created = [await ensure_stream(nc, cfg) for cfg in stream_configs(names, replicas)]
+    return created[-1]
+
+
+async def consumer_ack_floor(nc: Client, names: Names) -> int | None:
+    """The projector checkpoint: its consumer's ack floor, or None without one."""
+    info = await api(nc, f"CONSUMER.INFO.{names.events}.{names.consumer}")
+    if "error" in info:
+        return None
+    return int(info["ack_floor"]["stream_seq"])
+
+
+async def reset_consumer(nc: Client, names: Names, start_seq: int) -> None:
+    """(Re)create the projector's durable to deliver in order from start_seq.
+
+    A durable with unacknowledged messages would redeliver them only after
+    ack_wait and after newer ones; recreating it at the checkpoint gives
+    in-order delivery at once. Redelivered events are skipped by event_seq.
+    """
+    await api(nc, f"CONSUMER.DELETE.{names.events}.{names.consumer}")
+    body = {"stream_name": names.events, "config": consumer_config(names, start_seq)}
+    resp = await api(nc, f"CONSUMER.CREATE.{names.events}.{names.consumer}", body)
+    if "error" in resp:
+        raise ProvisionError(f"cannot create consumer {names.consumer}: {resp['error']}")

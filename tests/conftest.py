@@ -1,0 +1,53 @@
+"""Shared fixtures: a real nats-server per test (about 25 ms to start)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import TypeVar
+
+import nats
+import pytest
+from nats.aio.client import Client
+
+from registry.embedded import NatsServer
+
+T = TypeVar("T")
+
+
+@pytest.fixture
+def nats_server(tmp_path: Path) -> Iterator[NatsServer]:
+    server = NatsServer(tmp_path / "nats")
+    server.start()
+    yield server
+    server.kill()
+
+
+@pytest.fixture
+async def nc(nats_server: NatsServer) -> AsyncIterator[Client]:
+    client = await nats.connect(nats_server.url, max_reconnect_attempts=-1, reconnect_time_wait=0.1)
+    yield client
+    await client.close()
+
+
+async def eventually(
+    check: Callable[[], Awaitable[T] | T], timeout: float = 5.0, interval: float = 0.02
+) -> T:
+    """Poll `check` until it returns a truthy value without raising; bounded."""
+    deadline = time.monotonic() + timeout
+    last: BaseException | None = None
+    while True:
+        try:
+            result = check()
+            if asyncio.iscoroutine(result) or isinstance(result, Awaitable):
+                result = await result
+            if result:
+                return result  # type: ignore[return-value]
+            last = None
+        except (AssertionError, Exception) as e:  # noqa: BLE001 - reported below
+            last = e
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout} s") from last
+        await asyncio.sleep(interval)
