@@ -7,10 +7,12 @@ JetStream API as they are, so the CLI and the registry cannot drift apart.
 from __future__ import annotations
 
 import json
+from datetime import datetime
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import msgspec
 from nats.aio.client import Client
 
 from registry import protocol
@@ -33,14 +35,10 @@ class Names:
     availability: str = protocol.AVAILABILITY_STREAM
     bucket: str = protocol.BUCKET
     consumer: str = protocol.PROJECTOR_CONSUMER
-    prefix: str = "worker"
 
     @property
     def kv_stream(self) -> str:
         return f"KV_{self.bucket}"
-
-    def subject(self, kind: str, worker_id: str) -> str:
-        return f"{self.prefix}.{kind}.{worker_id}"
 
 
 DEFAULT_NAMES = Names()
@@ -54,9 +52,7 @@ def stream_configs(names: Names, replicas: int = 1) -> list[dict[str, Any]]:
     """The three stream definitions, renamed for `names` (a no-op by default)."""
     events, avail, kv = (load_definition(f) for f in STREAM_FILES)
     events["name"] = names.events
-    events["subjects"] = [f"{names.prefix}.{k}.*" for k in protocol.EVENT_KINDS]
     avail["name"] = names.availability
-    avail["subjects"] = [f"{names.prefix}.available.*"]
     kv["name"] = names.kv_stream
     kv["subjects"] = [f"$KV.{names.bucket}.>"]
     for cfg in (events, avail, kv):
@@ -108,6 +104,14 @@ async def provision(nc: Client, names: Names = DEFAULT_NAMES, replicas: int = 1)
     """Streams and bucket; harmless to repeat. True if the bucket was created now."""
     created = [await ensure_stream(nc, cfg) for cfg in stream_configs(names, replicas)]
     return created[-1]
+
+
+async def server_time(nc: Client, names: Names = DEFAULT_NAMES) -> datetime | None:
+    """The server's clock, from the `ts` of a stream info response."""
+    info = await api(nc, f"STREAM.INFO.{names.events}")
+    if "ts" not in info:
+        return None
+    return msgspec.convert(info["ts"], datetime)
 
 
 async def consumer_ack_floor(nc: Client, names: Names) -> int | None:

@@ -1,0 +1,108 @@
+"""Composition root: connect -> provision -> TaskGroup(projector, sweeper, service) -> drain."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Callable, Mapping
+
+import nats
+import structlog
+from nats.aio.client import Client
+
+from registry.embedded import NatsServer
+from registry.projector import Projector
+from registry.protocol import WorkerInfo
+from registry.provision import provision
+from registry.settings import RegistrySettings
+from registry.sweep import ServerClock
+from registry.sweeper import Sweeper
+
+log = structlog.get_logger("registry.app")
+
+
+async def connect(url: str, name: str, first_timeout_s: float = 2.0) -> Client:
+    """Connect, retrying with backoff while the server is unreachable (and saying so)."""
+    backoff = 0.2
+    while True:
+        try:
+            return await nats.connect(
+                url, name=name, connect_timeout=first_timeout_s, max_reconnect_attempts=-1,
+                reconnect_time_wait=0.5, allow_reconnect=True,
+                disconnected_cb=_say("nats_disconnected", url),
+                reconnected_cb=_say("nats_reconnected", url),
+                error_cb=_error_cb,
+            )  # fmt: skip
+        except (OSError, nats.errors.Error, TimeoutError) as e:
+            log.warning("nats_unreachable", url=url, error=str(e) or type(e).__name__,
+                        retry_in_s=round(backoff, 1))  # fmt: skip
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, 5.0)
+
+
+def _say(event: str, url: str) -> Callable[[], asyncio.Future[None]]:
+    async def cb() -> None:
+        log.warning(event, url=url) if event == "nats_disconnected" else log.info(event, url=url)
+
+    return cb  # type: ignore[return-value]
+
+
+async def _error_cb(e: Exception) -> None:
+    log.debug("nats_error", error=str(e) or type(e).__name__)
+
+
+@contextlib.asynccontextmanager
+async def nats_endpoint(settings: RegistrySettings) -> AsyncIterator[str]:
+    """The URL to use: the given one, or an embedded server for the block's lifetime."""
+    if settings.nats_url is not None:
+        yield settings.nats_url
+        return
+    server = NatsServer(settings.data_dir, port=settings.port or -1)
+    url = await asyncio.to_thread(server.start)
+    log.info("embedded_server_started", url=url, data_dir=str(settings.data_dir))
+    try:
+        yield url
+    finally:
+        await asyncio.to_thread(server.stop)
+        log.info("embedded_server_stopped")
+
+
+class Registry:
+    """Projector + sweeper over one connection; `records()`/`counters()` feed the service."""
+
+    def __init__(self, nc: Client, settings: RegistrySettings) -> None:
+        self.clock = ServerClock()
+        self.projector = Projector(nc, settings, self.clock)
+        self.sweeper = Sweeper(
+            nc, settings, self.clock, self.projector.records, self.projector.caught_up
+        )
+        self.projector.on_change = self.sweeper.observe
+        self.projector.on_reset = self.sweeper.reset
+
+    def records(self) -> Mapping[str, WorkerInfo]:
+        return self.projector.records()
+
+    def counters(self) -> dict[str, int | float]:
+        return {**self.projector.stats(), "expiries_published": self.sweeper.expiries_published}
+
+    async def run(self) -> None:
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(self.projector.run(), name="projector")
+            tg.create_task(self.sweeper.run(), name="sweeper")
+
+
+async def serve(
+    settings: RegistrySettings, on_ready: Callable[[str], None] = lambda url: None
+) -> None:
+    """Run the registry until cancelled; stops everything it started."""
+    async with nats_endpoint(settings) as url:
+        nc = await connect(url, "worker-registry", settings.connect_timeout_s)
+        try:
+            await provision(nc, replicas=settings.replicas)
+            registry = Registry(nc, settings)
+            on_ready(url)
+            log.info("registry_running", url=url)
+            await registry.run()
+        finally:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(nc.drain(), 5.0)

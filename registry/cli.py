@@ -1,0 +1,125 @@
+"""`registry ...`: argparse only — parse, validate into Settings, call app.
+
+Exit codes: 0 clean shutdown, 1 crash or runtime error, 2 bad arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import pydantic
+
+from registry import logs
+from registry.embedded import ServerError
+from registry.provision import ProvisionError
+from registry.settings import RegistrySettings
+
+
+def _env_float(name: str, default: float) -> float:
+    raw = os.environ.get(name)
+    try:
+        return float(raw) if raw else default
+    except ValueError:
+        return default
+
+
+def add_up(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("up", help="run the registry (embedded nats-server unless --nats)")
+    p.add_argument("--nats", default=os.environ.get("NATS_URL"),
+                   help="existing NATS server or cluster (env NATS_URL); omit to embed one")
+    p.add_argument("--port", type=int, default=int(os.environ.get("REGISTRY_PORT", 4222)),
+                   help="embedded server port on 127.0.0.1 (default 4222; 0 picks a free one)")
+    p.add_argument("--data-dir", type=Path, default=Path(os.environ.get("REGISTRY_DATA_DIR", "./data")),
+                   help="embedded server store (default ./data)")
+    p.add_argument("--timeout-floor", type=float, default=_env_float("REGISTRY_TIMEOUT_FLOOR_S", 1.0),
+                   help="minimum silence before expiry, seconds (default 1)")
+    p.add_argument("--timeout-factor", type=float, default=_env_float("REGISTRY_TIMEOUT_FACTOR", 3.0),
+                   help="heartbeat intervals missed before expiry (default 3)")
+    p.add_argument("--retention", type=float, default=_env_float("REGISTRY_RETENTION_S", 86400.0),
+                   help="seconds an offline record stays in the bucket (default 86400)")
+    p.add_argument("--replicas", type=int, default=int(os.environ.get("REGISTRY_REPLICAS", 1)),
+                   help="stream and bucket replicas on a cluster (default 1)")
+    p.add_argument("--log-level", default=os.environ.get("LOG_LEVEL", "info"),
+                   choices=["debug", "info", "warning", "error"])
+    p.set_defaults(run=run_up)
+
+
+def settings_from(args: argparse.Namespace) -> RegistrySettings:
+    return RegistrySettings(
+        nats_url=args.nats, port=args.port, data_dir=args.data_dir,
+        timeout_floor_s=args.timeout_floor, timeout_factor=args.timeout_factor,
+        retention_s=args.retention, replicas=args.replicas,
+    )  # fmt: skip
+
+
+def run_up(args: argparse.Namespace) -> int:
+    try:
+        settings = settings_from(args)
+    except pydantic.ValidationError as e:
+        return _bad_args(e)
+    logs.configure(args.log_level)
+    from registry.app import serve
+
+    def ready(url: str) -> None:
+        print(url, flush=True)
+
+    try:
+        return _run_until_signal(serve(settings, on_ready=ready))
+    except (ServerError, ProvisionError) as e:
+        print(f"registry: {e}", file=sys.stderr)
+        return 1
+
+
+def _run_until_signal(coro: object) -> int:
+    async def main() -> None:
+        task = asyncio.ensure_future(coro)  # type: ignore[arg-type]
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, task.cancel)
+        try:
+            await task
+        except asyncio.CancelledError:
+            pass
+
+    asyncio.run(main())
+    return 0
+
+
+def _bad_args(e: pydantic.ValidationError) -> int:
+    err = e.errors()[0]
+    where = ".".join(str(p) for p in err["loc"])
+    print(f"registry: invalid {where}: {err['msg']}", file=sys.stderr)
+    return 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="registry", description="Event-sourced worker registry over NATS JetStream"
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_up(sub)
+    try:
+        from registry import ops
+    except ImportError:
+        return parser
+    ops.add_commands(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        code: int = args.run(args)
+    except KeyboardInterrupt:
+        return 130
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

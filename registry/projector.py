@@ -1,0 +1,304 @@
+"""consume -> decode -> fold -> CAS write -> publish availability -> checkpoint.
+
+The projector is the single writer of the bucket. Its checkpoint is the ack
+floor of its durable consumer (ack policy `all`): a batch is acknowledged only
+after every bucket write of the batch is stored, so the floor never passes an
+unwritten effect. At start (and after any fault) it reloads the bucket and
+recreates the consumer at floor + 1, so delivery is in order at once; events
+already folded are skipped by the record's `event_seq` (exactly-once effect).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+
+import structlog
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.js import api
+
+from registry import provision
+from registry.fold import Applied, Duplicate, Ignored, Unregistered, availability, evolve, routing_key
+from registry.protocol import (
+    BadEvent,
+    Control,
+    WorkerInfo,
+    decode_event,
+    available_subject,
+    control_subject,
+    encode,
+)
+from registry.provision import DEFAULT_NAMES, Names
+from registry.settings import RegistrySettings
+from registry.store import Bucket, Entry, is_conflict
+from registry.sweep import ServerClock
+
+log = structlog.get_logger("registry.projector")
+
+WRITE_TIMEOUT_S = 5.0
+
+
+class ResyncNeeded(Exception):
+    """The bucket changed under us, or a write failed: reload and resume."""
+
+
+@dataclass
+class Counters:
+    events_applied: int = 0
+    events_duplicate: int = 0
+    events_ignored: int = 0
+    events_rejected: int = 0
+    events_unregistered: int = 0
+    bucket_writes: int = 0
+    availability_published: int = 0
+    controls_sent: int = 0
+    offline_purged: int = 0
+    resyncs: int = 0
+    last_seq: int = 0
+    pending: int = 0
+    lag_s: float = 0.0
+
+
+class RecordsView(Mapping[str, WorkerInfo]):
+    """Read-only view of the projector's copy of the bucket (no copying)."""
+
+    def __init__(self, entries: dict[str, Entry]) -> None:
+        self._entries = entries
+
+    def __getitem__(self, key: str) -> WorkerInfo:
+        return self._entries[key].record
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._entries)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+@dataclass
+class _Batch:
+    before: dict[str, tuple[object, ...] | None] = field(default_factory=dict)
+    announce: set[str] = field(default_factory=set)
+    dirty: set[str] = field(default_factory=set)
+    controls: dict[str, str] = field(default_factory=dict)
+
+
+class Projector:
+    def __init__(
+        self,
+        nc: Client,
+        settings: RegistrySettings,
+        clock: ServerClock,
+        names: Names = DEFAULT_NAMES,
+        on_change: Callable[[WorkerInfo], None] = lambda r: None,
+        on_reset: Callable[[Mapping[str, WorkerInfo]], None] = lambda r: None,
+    ) -> None:
+        self.nc = nc
+        self.js = nc.jetstream()
+        self.settings = settings
+        self.clock = clock
+        self.names = names
+        self.bucket = Bucket(self.js, names.bucket)
+        self.entries: dict[str, Entry] = {}
+        self.tombstones: dict[str, int] = {}
+        self.counters = Counters()
+        self.caught_up = asyncio.Event()
+        self.on_change = on_change
+        self.on_reset = on_reset
+        self._last_control: dict[str, float] = {}
+        self._last_clock_sync = 0.0
+
+    # ------------------------------------------------------------ views
+
+    def records(self) -> Mapping[str, WorkerInfo]:
+        return RecordsView(self.entries)
+
+    def stats(self) -> dict[str, int | float]:
+        return asdict(self.counters)
+
+    # ------------------------------------------------------------ lifecycle
+
+    async def run(self) -> None:
+        """Project until cancelled; faults are retried with backoff."""
+        backoff = 0.1
+        while True:
+            try:
+                await self._sync()
+                backoff = 0.1
+                await self._consume()
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # noqa: BLE001 - every fault here is retried
+                self.counters.resyncs += 1
+                log.warning("projector_resync", error=f"{type(e).__name__}: {e}", retry_in_s=backoff)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+
+    async def _sync(self) -> None:
+        self.caught_up.clear()
+        self.entries, self.tombstones = await self.bucket.load_all()
+        floor = await provision.consumer_ack_floor(self.nc, self.names)
+        start = floor + 1 if floor and self.entries else 1
+        await provision.reset_consumer(self.nc, self.names, start)
+        self.on_reset(self.records())
+        log.info("projector_started", workers=len(self.entries), from_seq=start)
+
+    async def _consume(self) -> None:
+        psub = await self.js.pull_subscribe_bind(
+            durable=self.names.consumer, stream=self.names.events
+        )
+        try:
+            while True:
+                try:
+                    msgs = await psub.fetch(self.settings.batch_size, timeout=1.0)
+                except TimeoutError:
+                    await self._idle()
+                    continue
+                await self._process(msgs)
+        finally:
+            await psub.unsubscribe()
+
+    async def _idle(self) -> None:
+        self.counters.pending = 0
+        self.counters.lag_s = 0.0
+        await self.sync_clock()
+        self.caught_up.set()
+        await self._purge_offline()
+
+    async def sync_clock(self) -> None:
+        """Read the server's time from a stream info response (`ts`)."""
+        ts = await provision.server_time(self.nc, self.names)
+        if ts is not None:
+            self.clock.observe(ts.timestamp(), time.monotonic())
+
+    # ------------------------------------------------------------ one batch
+
+    async def _process(self, msgs: list[Msg]) -> None:
+        batch = _Batch()
+        for msg in msgs:
+            self._fold_one(msg, batch)
+        await self._write(batch)
+        await self._announce(batch)
+        await self._send_controls(batch)
+        await msgs[-1].ack()
+        last = msgs[-1].metadata
+        self.counters.last_seq = last.sequence.stream
+        self.counters.pending = last.num_pending
+        self.counters.lag_s = max(0.0, self.clock.now(time.monotonic()) - last.timestamp.timestamp())
+        if last.num_pending == 0:
+            self.caught_up.set()
+
+    def _fold_one(self, msg: Msg, batch: _Batch) -> None:
+        meta = msg.metadata
+        seq, stored_at = meta.sequence.stream, meta.timestamp
+        self.clock.observe(stored_at.timestamp(), time.monotonic())
+        try:
+            event = decode_event(msg.subject, msg.data)
+        except BadEvent as e:
+            self.counters.events_rejected += 1
+            log.warning("event_rejected", seq=seq, subject=msg.subject, reason=str(e))
+            return
+        wid = event.worker_id
+        entry = self.entries.get(wid)
+        record = entry.record if entry else None
+        match evolve(record, event, seq, stored_at):
+            case Applied(new):
+                batch.before.setdefault(wid, routing_key(record))
+                self._stage(wid, new, batch)
+                self.counters.events_applied += 1
+                log.debug("event_applied", seq=seq, worker_id=wid, status=str(new.status))
+            case Duplicate():
+                self.counters.events_duplicate += 1
+                if record is not None and seq == record.event_seq:
+                    batch.announce.add(wid)  # re-announce what a crash may have cut off
+            case Ignored(reason):
+                self.counters.events_ignored += 1
+                log.info("event_ignored", seq=seq, worker_id=wid, reason=reason)
+            case Unregistered(reason):
+                self.counters.events_unregistered += 1
+                log.info("event_unregistered_worker", seq=seq, worker_id=wid, reason=reason)
+                if self._recent(stored_at):
+                    batch.controls[wid] = reason
+
+    def _stage(self, wid: str, record: WorkerInfo, batch: _Batch) -> None:
+        entry = self.entries.get(wid)
+        if entry is None:
+            self.entries[wid] = Entry(record, self.tombstones.pop(wid, 0))
+        else:
+            entry.record = record
+        batch.dirty.add(wid)
+
+    async def _write(self, batch: _Batch) -> None:
+        """One CAS write per touched worker (coalesced), pipelined, all awaited."""
+        pending = [
+            (wid, await self.bucket.start_write(self.entries[wid].record, self.entries[wid].revision))
+            for wid in batch.dirty
+        ]
+        for wid, fut in pending:
+            try:
+                ack = await asyncio.wait_for(fut, WRITE_TIMEOUT_S)
+            except Exception as e:
+                if is_conflict(e):
+                    raise ResyncNeeded(f"bucket key {wid} was written by someone else") from e
+                raise
+            self.entries[wid].revision = ack.seq
+            self.on_change(self.entries[wid].record)
+        self.counters.bucket_writes += len(pending)
+
+    async def _announce(self, batch: _Batch) -> None:
+        futures = []
+        for wid in set(batch.before) | batch.announce:
+            record = self.entries[wid].record
+            if wid not in batch.announce and routing_key(record) == batch.before[wid]:
+                continue
+            headers = {api.Header.MSG_ID: f"{wid}.{record.event_seq}"}
+            body = encode(availability(record))
+            futures.append(
+                await self.js.publish_async(available_subject(wid), body, headers=headers)
+            )
+        for fut in futures:
+            await asyncio.wait_for(fut, WRITE_TIMEOUT_S)
+        self.counters.availability_published += len(futures)
+
+    # ------------------------------------------------------------ control
+
+    def _recent(self, stored_at: datetime) -> bool:
+        age = self.clock.now(time.monotonic()) - stored_at.timestamp()
+        return age < self.settings.control_max_age_s
+
+    async def _send_controls(self, batch: _Batch) -> None:
+        now = time.monotonic()
+        if len(self._last_control) > 100_000:
+            self._last_control.clear()
+        for wid, reason in batch.controls.items():
+            if now - self._last_control.get(wid, -1e9) < 1.0:
+                continue
+            self._last_control[wid] = now
+            body = encode(Control(action="register", reason=reason))
+            await self.nc.publish(control_subject(wid), body)
+            self.counters.controls_sent += 1
+            log.info("control_register_sent", worker_id=wid, reason=reason)
+
+    # ------------------------------------------------------------ retention
+
+    async def _purge_offline(self) -> None:
+        """Delete offline records older than the retention (their history stays)."""
+        cutoff = self.clock.now(time.monotonic()) - self.settings.retention_s
+        old = [
+            wid for wid, e in self.entries.items()
+            if e.record.offline_at is not None and e.record.offline_at.timestamp() < cutoff
+        ]  # fmt: skip
+        for wid in old:
+            entry = self.entries.pop(wid)
+            try:
+                self.tombstones[wid] = await self.bucket.delete(wid, entry.revision)
+            except Exception as e:
+                self.entries[wid] = entry
+                raise ResyncNeeded(f"purge of {wid} failed: {e}") from e
+            self.counters.offline_purged += 1
+            log.info("offline_record_purged", worker_id=wid)
+

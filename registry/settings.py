@@ -1,0 +1,34 @@
+"""Validated, frozen settings for the registry process (human input: pydantic)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+
+class RegistrySettings(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    nats_url: str | None = Field(
+        default=None, description="existing server; None starts an embedded one"
+    )
+    port: int = Field(default=4222, ge=0, le=65535)
+    data_dir: Path = Path("./data")
+    timeout_floor_s: float = Field(default=1.0, gt=0, le=86400)
+    timeout_factor: float = Field(default=3.0, ge=1.0, le=100.0)
+    retention_s: float = Field(default=86400.0, gt=0)
+    batch_size: int = Field(default=512, ge=1, le=20000)
+    replicas: int = Field(default=1, ge=1, le=5)
+    control_max_age_s: float = Field(default=30.0, gt=0)
+    connect_timeout_s: float = Field(default=2.0, gt=0)
+    service: bool = True
+
+    @field_validator("nats_url")
+    @classmethod
+    def _url(cls, v: str | None) -> str | None:
+        if v is not None and not v.strip():
+            return None
+        if v is not None and "://" not in v:
+            raise ValueError(f"not a NATS URL: {v!r} (expected e.g. nats://127.0.0.1:4222)")
+        return v

@@ -1,0 +1,97 @@
+"""Who is overdue: PURE functions of last-seen times, timeouts and `now`.
+
+All times are the server's clock (JetStream's stored timestamps), as float
+seconds since the epoch; the registry host's wall clock never enters here.
+"""
+
+from __future__ import annotations
+
+import heapq
+from dataclasses import dataclass, field
+
+
+def timeout_s(heartbeat_interval_s: float, floor_s: float, factor: float = 3.0) -> float:
+    """A worker is silent after missing `factor` of its declared intervals."""
+    return max(floor_s, factor * heartbeat_interval_s)
+
+
+def deadline(last_heartbeat: float, timeout: float, grace_until: float) -> float:
+    """When a worker becomes overdue; never before the sweeper's grace ends."""
+    return max(last_heartbeat + timeout, grace_until)
+
+
+@dataclass(order=True, frozen=True, slots=True)
+class Due:
+    at: float
+    worker_id: str = field(compare=False)
+    last_heartbeat: float = field(compare=False)
+
+
+@dataclass(slots=True)
+class DeadlineHeap:
+    """Deadlines with lazy invalidation: stale entries are dropped when popped."""
+
+    _heap: list[Due] = field(default_factory=list)
+    _current: dict[str, float] = field(default_factory=dict)
+
+    def set(self, worker_id: str, last_heartbeat: float, at: float) -> None:
+        self._current[worker_id] = last_heartbeat
+        heapq.heappush(self._heap, Due(at, worker_id, last_heartbeat))
+        if len(self._heap) > 4 * len(self._current) + 1024:
+            self._compact()
+
+    def discard(self, worker_id: str) -> None:
+        self._current.pop(worker_id, None)
+
+    def next_at(self) -> float | None:
+        while self._heap and not self._valid(self._heap[0]):
+            heapq.heappop(self._heap)
+        return self._heap[0].at if self._heap else None
+
+    def pop_due(self, now: float) -> list[Due]:
+        due: list[Due] = []
+        while (at := self.next_at()) is not None and at <= now:
+            item = heapq.heappop(self._heap)
+            self._current.pop(item.worker_id, None)
+            due.append(item)
+        return due
+
+    def __len__(self) -> int:
+        return len(self._current)
+
+    def _valid(self, item: Due) -> bool:
+        return self._current.get(item.worker_id) == item.last_heartbeat
+
+    def _compact(self) -> None:
+        latest: dict[str, Due] = {}
+        for item in self._heap:
+            if self._valid(item) and (
+                item.worker_id not in latest or item.at > latest[item.worker_id].at
+            ):
+                latest[item.worker_id] = item
+        self._heap = list(latest.values())
+        heapq.heapify(self._heap)
+
+
+@dataclass(slots=True)
+class ServerClock:
+    """The server's clock, estimated from its timestamps plus local monotonic time.
+
+    Every stored timestamp and every API `ts` the registry sees moves the
+    estimate forward; between them it advances with the monotonic clock, so a
+    jump of the registry host's wall clock changes nothing.
+    """
+
+    _server: float = 0.0
+    _mono: float = 0.0
+
+    def observe(self, server_ts: float, mono_now: float) -> None:
+        if server_ts > self.now(mono_now):
+            self._server, self._mono = server_ts, mono_now
+
+    def now(self, mono_now: float) -> float:
+        return self._server + (mono_now - self._mono) if self._mono else self._server
+
+    def mono_at(self, server_ts: float, mono_now: float) -> float:
+        """The monotonic time at which the server clock will read `server_ts`."""
+        return mono_now + (server_ts - self.now(mono_now))
