@@ -1,0 +1,185 @@
+"""The pure fold: rules of DESIGN, and replay/redelivery convergence (Hypothesis)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from registry.fold import Applied, Duplicate, Ignored, Outcome, Unregistered, availability, evolve
+from registry.protocol import (
+    Event,
+    ExpiredEvent,
+    HardwareInfo,
+    HeartbeatEvent,
+    OfflineReason,
+    RegisterEvent,
+    UnregisterEvent,
+    WorkerCapability,
+    WorkerInfo,
+    WorkerLocation,
+    WorkerMetrics,
+    WorkerRegistration,
+    WorkerStatus,
+)
+
+T0 = datetime(2026, 11, 28, 12, 0, tzinfo=UTC)
+WID = "w1"
+
+
+def at(i: int) -> datetime:
+    return T0 + timedelta(seconds=i)
+
+
+def register(inc: str = "a", max_tasks: int = 2) -> RegisterEvent:
+    reg = WorkerRegistration(
+        worker_id=WID, name="box", capability=WorkerCapability.GPU,
+        hardware=HardwareInfo(cpu_cores=8, memory_gb=16.0),
+        location=WorkerLocation(hostname="h", ip_address="127.0.0.1"),
+        max_concurrent_tasks=max_tasks, supported_content_types=["audio"],
+    )  # fmt: skip
+    return RegisterEvent(
+        worker_id=WID, incarnation=inc, sent_at=T0, registration=reg, heartbeat_interval_s=1.0
+    )
+
+
+def beat(inc: str = "a", status: WorkerStatus = WorkerStatus.ONLINE, active: int = 0, done: int = 0) -> HeartbeatEvent:
+    metrics = WorkerMetrics(
+        cpu_usage_percent=10.0, memory_usage_percent=20.0, active_tasks=active, completed_tasks=done
+    )
+    return HeartbeatEvent(worker_id=WID, incarnation=inc, sent_at=T0, status=status, metrics=metrics)
+
+
+def leave(inc: str = "a") -> UnregisterEvent:
+    return UnregisterEvent(worker_id=WID, incarnation=inc, sent_at=T0, reason="shutdown")
+
+
+def expire(last: datetime) -> ExpiredEvent:
+    return ExpiredEvent(worker_id=WID, last_heartbeat=last, timeout_s=3.0, detected_at=last)
+
+
+def run(events: list[Event], start: int = 1) -> tuple[WorkerInfo | None, list[Outcome]]:
+    record: WorkerInfo | None = None
+    outcomes: list[Outcome] = []
+    for i, e in enumerate(events, start=start):
+        out = evolve(record, e, i, at(i))
+        outcomes.append(out)
+        if isinstance(out, Applied):
+            record = out.record
+    return record, outcomes
+
+
+def test_registration_is_online_available_with_zeroed_metrics() -> None:
+    rec, _ = run([register()])
+    assert rec is not None
+    assert rec.status is WorkerStatus.ONLINE and rec.available
+    assert rec.metrics.active_tasks == 0 and rec.metrics.cpu_usage_percent == 0.0
+    assert rec.registered_at == rec.last_heartbeat == at(1)
+    assert rec.event_seq == 1 and rec.incarnation == "a" and rec.offline_reason is None
+
+
+def test_heartbeat_carries_status_metrics_and_stored_time() -> None:
+    rec, _ = run([register(), beat(status=WorkerStatus.BUSY, done=5)])
+    assert rec is not None
+    assert rec.status is WorkerStatus.BUSY and not rec.available
+    assert rec.metrics.completed_tasks == 5
+    assert rec.last_heartbeat == at(2) and rec.event_seq == 2 and rec.version == 2
+
+
+def test_full_worker_is_not_available() -> None:
+    rec, _ = run([register(max_tasks=2), beat(active=2)])
+    assert rec is not None and not rec.available
+    assert availability(rec).reason == "full"
+
+
+def test_unregister_keeps_an_offline_record() -> None:
+    rec, _ = run([register(), leave()])
+    assert rec is not None
+    assert rec.status is WorkerStatus.OFFLINE and not rec.available
+    assert rec.offline_reason is OfflineReason.UNREGISTERED and rec.offline_at == at(2)
+
+
+def test_expiry_applies_only_to_the_judged_heartbeat() -> None:
+    rec, outs = run([register(), beat(), expire(at(1))])
+    assert isinstance(outs[-1], Ignored)
+    assert rec is not None and rec.live
+    rec, outs = run([register(), beat(), expire(at(2))])
+    assert isinstance(outs[-1], Applied)
+    assert rec is not None and rec.offline_reason is OfflineReason.EXPIRED
+
+
+def test_heartbeat_of_registered_incarnation_revives_expired_worker() -> None:
+    rec, _ = run([register(), expire(at(1)), beat()])
+    assert rec is not None and rec.live and rec.available and rec.offline_at is None
+
+
+def test_zombie_incarnation_cannot_touch_restarted_worker() -> None:
+    rec, outs = run([register("old"), register("new"), beat("old", active=2), leave("old")])
+    assert [type(o) for o in outs[2:]] == [Ignored, Ignored]
+    assert rec is not None and rec.live and rec.incarnation == "new" and rec.event_seq == 2
+
+
+def test_heartbeat_without_registration_asks_for_one() -> None:
+    _, outs = run([beat()])
+    assert isinstance(outs[0], Unregistered)
+    _, outs = run([register(), leave(), beat()])
+    assert isinstance(outs[-1], Unregistered)
+    _, outs = run([register("old"), expire(at(1)), beat("new")])
+    assert isinstance(outs[-1], Unregistered)
+
+
+def test_events_at_or_below_event_seq_are_duplicates() -> None:
+    rec, _ = run([register(), beat()])
+    assert rec is not None
+    assert isinstance(evolve(rec, beat(done=99), 2, at(2)), Duplicate)
+    assert isinstance(evolve(rec, register(), 1, at(1)), Duplicate)
+
+
+def test_same_incarnation_reregistration_keeps_its_history() -> None:
+    rec, _ = run([register(), beat(done=7), register()])
+    assert rec is not None
+    assert rec.registered_at == at(1) and rec.metrics.completed_tasks == 7
+
+
+# ---------------------------------------------------------------- properties
+
+incarnations = st.sampled_from(["a", "b"])
+events = st.one_of(
+    incarnations.map(register),
+    st.builds(beat, incarnations, st.sampled_from(list(WorkerStatus)), st.integers(0, 3), st.integers(0, 9)),
+    incarnations.map(leave),
+    st.integers(1, 40).map(lambda i: expire(at(i))),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(events, min_size=1, max_size=40), st.data())
+def test_redelivery_from_any_checkpoint_converges(history: list[Event], data: st.DataObject) -> None:
+    """A crash re-delivers a suffix from an older checkpoint: same final record."""
+    expected, _ = run(history)
+    crash = data.draw(st.integers(0, len(history)))
+    checkpoint = data.draw(st.integers(0, crash))
+    record, _ = run(history[:crash])
+    for i, e in enumerate(history[checkpoint:], start=checkpoint + 1):
+        out = evolve(record, e, i, at(i))
+        if isinstance(out, Applied):
+            record = out.record
+    assert record == expected
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(events, min_size=1, max_size=40))
+def test_each_event_folds_at_most_once(history: list[Event]) -> None:
+    """Folding every event twice in a row changes nothing (exactly-once effect)."""
+    expected, _ = run(history)
+    record: WorkerInfo | None = None
+    for i, e in enumerate(history, start=1):
+        for _ in range(2):
+            out = evolve(record, e, i, at(i))
+            if isinstance(out, Applied):
+                record = out.record
+    assert record == expected
+    if record is not None:
+        applied = sum(isinstance(o, Applied) for o in run(history)[1])
+        assert record.version == applied

@@ -1,0 +1,120 @@
+"""The wire contract, pinned by golden files: decode them, re-encode, compare."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import msgspec
+import pytest
+
+from registry import protocol
+from registry.protocol import (
+    AVAILABILITY_DECODER,
+    CONTROL_DECODER,
+    BadEvent,
+    HeartbeatEvent,
+    RegisterEvent,
+    WorkerCapability,
+    WorkerStatus,
+    decode_event,
+    encode,
+)
+
+GOLDEN = Path(__file__).parent.parent / "golden"
+
+
+def golden(name: str) -> bytes:
+    return (GOLDEN / name).read_bytes()
+
+
+@pytest.mark.parametrize("kind", ["register", "heartbeat", "unregister", "expired"])
+def test_golden_event_round_trips_unchanged(kind: str) -> None:
+    data = golden(f"{kind}.json")
+    event = decode_event(f"worker.{kind}.gpu-box-1", data)
+    assert type(event) is protocol.EVENT_TYPES[kind]
+    assert json.loads(encode(event)) == json.loads(data)
+
+
+def test_golden_availability_and_control_round_trip() -> None:
+    for name, decoder in (("available.json", AVAILABILITY_DECODER), ("control.json", CONTROL_DECODER)):
+        data = golden(name)
+        assert json.loads(encode(decoder.decode(data))) == json.loads(data)
+
+
+def test_minimal_register_fills_defaults_and_ignores_unknown_fields() -> None:
+    event = decode_event("worker.register.cpu-1", golden("minimal_register.json"))
+    assert isinstance(event, RegisterEvent)
+    reg = event.registration
+    assert reg.capability is WorkerCapability.CPU
+    assert reg.max_concurrent_tasks == 1
+    assert reg.hardware.gpu_count == 0 and reg.hardware.gpu_models == []
+    assert reg.location.port == 8000 and reg.location.is_remote is True
+    assert reg.supported_content_types == [] and reg.tags == {}
+
+
+def test_encoded_fields_use_the_plan_names() -> None:
+    event = decode_event("worker.heartbeat.gpu-box-1", golden("heartbeat.json"))
+    assert isinstance(event, HeartbeatEvent)
+    body = json.loads(encode(event))
+    assert set(body) == {"v", "worker_id", "incarnation", "sent_at", "status", "metrics"}
+    assert body["status"] == WorkerStatus.BUSY.value
+    assert body["sent_at"] == "2026-11-28T12:00:05Z"
+
+
+@pytest.mark.parametrize(
+    ("subject", "body", "why"),
+    [
+        ("worker.heartbeat.gpu-box-1", b"not json", "undecodable"),
+        ("worker.heartbeat.other", golden("heartbeat.json"), "!= subject id"),
+        ("worker.bogus.gpu-box-1", golden("heartbeat.json"), "not an event subject"),
+        ("worker.heartbeat.bad$id", golden("heartbeat.json"), "invalid worker id"),
+        ("worker.heartbeat.gpu-box-1", golden("heartbeat.json").replace(b'"v":1', b'"v":2'), "version"),
+        ("worker.heartbeat.gpu-box-1", golden("heartbeat.json").replace(b"41.5", b"150"), "<= 100"),
+        ("worker.heartbeat.gpu-box-1", golden("heartbeat.json").replace(b"117", b"-1"), ">= 0"),
+        ("worker.heartbeat.gpu-box-1", golden("heartbeat.json").replace(b'"busy"', b'"napping"'), "Invalid enum"),
+        ("worker.heartbeat.gpu-box-1", golden("heartbeat.json").replace(b"41.5", b'"41.5"'), "Expected `float`"),
+        ("worker.heartbeat.gpu-box-1", golden("heartbeat.json").replace(b"41.5", b"1e999"), ""),
+        ("worker.heartbeat.gpu-box-1", b"[" * 100_000, ""),
+        ("worker.heartbeat.gpu-box-1", b" " * (protocol.MAX_EVENT_BYTES + 1), "exceeds"),
+    ],
+)
+def test_bad_events_are_refused_with_a_reason(subject: str, body: bytes, why: str) -> None:
+    with pytest.raises(BadEvent, match=None) as info:
+        decode_event(subject, body)
+    assert why in str(info.value)
+
+
+def test_register_whose_registration_id_differs_is_refused() -> None:
+    data = golden("register.json").replace(b'"worker_id":"gpu-box-1","name"', b'"worker_id":"x","name"')
+    with pytest.raises(BadEvent, match="registration.worker_id"):
+        decode_event("worker.register.gpu-box-1", data)
+
+
+@pytest.mark.parametrize("good", ["a", "A-z_0-9", "x" * 128])
+def test_valid_worker_ids(good: str) -> None:
+    assert protocol.validate_worker_id(good) == good
+
+
+@pytest.mark.parametrize("bad", ["", "a.b", "a b", "a*", ">", "x" * 129, "é"])
+def test_invalid_worker_ids_are_refused_clearly(bad: str) -> None:
+    with pytest.raises(protocol.InvalidWorkerId, match="invalid worker id"):
+        protocol.validate_worker_id(bad)
+
+
+def test_msg_ids_are_random_128_bit() -> None:
+    ids = {protocol.new_msg_id() for _ in range(1000)}
+    assert len(ids) == 1000 and all(len(i) == 32 for i in ids)
+
+
+def test_worker_info_decodes_what_it_encodes() -> None:
+    event = decode_event("worker.register.gpu-box-1", golden("register.json"))
+    assert isinstance(event, RegisterEvent)
+    info = protocol.WorkerInfo(
+        registration=event.registration, last_heartbeat=event.sent_at, registered_at=event.sent_at
+    )
+    assert protocol.WORKER_INFO_DECODER.decode(encode(info)) == info
+    assert set(msgspec.json.decode(encode(info))) >= {
+        "v", "registration", "status", "metrics", "last_heartbeat", "registered_at",
+        "available", "event_seq", "incarnation", "offline_reason", "version",
+    }  # fmt: skip

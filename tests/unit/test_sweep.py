@@ -1,0 +1,66 @@
+"""Pure sweeping: timeouts, deadlines, the heap and the server clock (no sleeping)."""
+
+from __future__ import annotations
+
+from registry.sweep import DeadlineHeap, ServerClock, deadline, timeout_s
+
+
+def test_timeout_is_three_intervals_with_a_floor() -> None:
+    assert timeout_s(5.0, floor_s=1.0) == 15.0
+    assert timeout_s(0.1, floor_s=1.0) == 1.0
+    assert timeout_s(2.0, floor_s=1.0, factor=4.0) == 8.0
+
+
+def test_deadline_never_before_grace() -> None:
+    assert deadline(100.0, 15.0, grace_until=0.0) == 115.0
+    assert deadline(100.0, 15.0, grace_until=200.0) == 200.0
+
+
+def test_heap_pops_only_what_is_due_in_order() -> None:
+    heap = DeadlineHeap()
+    heap.set("a", 1.0, 10.0)
+    heap.set("b", 2.0, 5.0)
+    heap.set("c", 3.0, 20.0)
+    assert heap.next_at() == 5.0
+    assert [d.worker_id for d in heap.pop_due(12.0)] == ["b", "a"]
+    assert heap.next_at() == 20.0 and len(heap) == 1
+
+
+def test_rearming_invalidates_the_old_deadline() -> None:
+    heap = DeadlineHeap()
+    heap.set("a", 1.0, 10.0)
+    heap.set("a", 8.0, 17.0)
+    assert heap.pop_due(12.0) == []
+    (due,) = heap.pop_due(17.0)
+    assert due.last_heartbeat == 8.0
+
+
+def test_discarded_workers_are_never_due() -> None:
+    heap = DeadlineHeap()
+    heap.set("a", 1.0, 10.0)
+    heap.discard("a")
+    assert heap.pop_due(100.0) == [] and heap.next_at() is None
+
+
+def test_heap_stays_bounded_under_many_rearms() -> None:
+    heap = DeadlineHeap()
+    for i in range(100_000):
+        heap.set(f"w{i % 10}", float(i), float(i) + 15.0)
+    assert len(heap._heap) <= 4 * 10 + 1024 + 1
+    assert len(heap.pop_due(1e9)) == 10
+
+
+def test_clock_follows_server_timestamps_not_the_local_wall_clock() -> None:
+    clock = ServerClock()
+    clock.observe(1000.0, mono_now=50.0)
+    assert clock.now(52.5) == 1002.5
+    clock.observe(1001.0, mono_now=53.0)  # older than the estimate: ignored
+    assert clock.now(53.0) == 1003.0
+    clock.observe(1010.0, mono_now=54.0)  # server is ahead: jump forward
+    assert clock.now(55.0) == 1011.0
+
+
+def test_clock_converts_server_deadlines_to_monotonic_time() -> None:
+    clock = ServerClock()
+    clock.observe(1000.0, mono_now=50.0)
+    assert clock.mono_at(1005.0, mono_now=51.0) == 55.0
