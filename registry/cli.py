@@ -98,12 +98,33 @@ def _bad_args(e: pydantic.ValidationError) -> int:
     return 2
 
 
+def add_check(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("check", help="exit 0 when connected, provisioned, caught up and answering")
+    p.add_argument("--nats", default=os.environ.get("NATS_URL", "nats://127.0.0.1:4222"))
+    p.add_argument("--max-lag", type=int, default=1000,
+                   help="most events the projector may be behind (default 1000)")
+    p.add_argument("--timeout", type=float, default=2.0, help="seconds per step (default 2)")
+    p.set_defaults(run=run_check)
+
+
+def run_check(args: argparse.Namespace) -> int:
+    from registry.check import Unhealthy, check
+
+    try:
+        print(asyncio.run(check(args.nats, args.max_lag, args.timeout)))
+    except Unhealthy as e:
+        print(f"registry check: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="registry", description="Event-sourced worker registry over NATS JetStream"
     )
     sub = parser.add_subparsers(dest="command", required=True)
     add_up(sub)
+    add_check(sub)
     try:
         from registry import ops
     except ImportError:

@@ -41,6 +41,7 @@ def find_binary() -> str:
 
 def port_free(host: str, port: int) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as nats-server binds
         try:
             s.bind((host, port))
         except OSError:
@@ -50,11 +51,16 @@ def port_free(host: str, port: int) -> bool:
 
 @dataclass
 class NatsServer:
-    """One nats-server process with JetStream on 127.0.0.1."""
+    """One nats-server process with JetStream on 127.0.0.1.
+
+    It reads nats/server.conf (the fsync policy, payload limit); host, port and
+    store given here override the file's.
+    """
 
     data_dir: Path
     port: int = -1
     host: str = "127.0.0.1"
+    config: Path | None = DEFINITIONS / "server.conf"
     extra_args: list[str] = field(default_factory=list)
     process: subprocess.Popen[bytes] | None = None
 
@@ -67,8 +73,9 @@ class NatsServer:
             raise ServerError(f"port {self.port} on {self.host} is already in use (pick --port)")
         self.data_dir.mkdir(parents=True, exist_ok=True)
         ports_dir = Path(tempfile.mkdtemp(prefix="nats-ports-"))
+        conf = ["-c", str(self.config)] if self.config else []
         args = [
-            find_binary(), "-js", "-a", self.host, "-p", str(self.port),
+            find_binary(), *conf, "-js", "-a", self.host, "-p", str(self.port),
             "-sd", str(self.data_dir), "--ports_file_dir", str(ports_dir),
             *self.extra_args,
         ]  # fmt: skip

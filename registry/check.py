@@ -1,0 +1,60 @@
+"""`registry check`: connected, provisioned, caught up, answering — or why not."""
+
+from __future__ import annotations
+
+import nats
+from nats.aio.client import Client
+
+from registry.protocol import SERVICE_NAME
+from registry.provision import DEFAULT_NAMES, Names, api, config_diff, stream_configs
+
+
+class Unhealthy(Exception):
+    """One line saying what is wrong."""
+
+
+async def check(url: str, max_lag: int, timeout_s: float = 2.0, names: Names = DEFAULT_NAMES) -> str:
+    """A one-line report of a healthy registry, or Unhealthy with the reason."""
+    try:
+        nc = await nats.connect(url, connect_timeout=timeout_s, allow_reconnect=False,
+                                max_reconnect_attempts=1, reconnect_time_wait=0.1,
+                                error_cb=_quiet)  # fmt: skip
+    except Exception as e:  # noqa: BLE001 - any failure to connect is the answer
+        raise Unhealthy(f"cannot connect to {url}: {str(e) or type(e).__name__}") from None
+    try:
+        await _provisioned(nc, names)
+        lag = await _lag(nc, names)
+        if lag > max_lag:
+            raise Unhealthy(f"projector is {lag} events behind (bound {max_lag})")
+        await _answering(nc, timeout_s)
+        return f"ok: provisioned, projector caught up ({lag} events behind), service answering"
+    finally:
+        await nc.close()
+
+
+async def _quiet(e: Exception) -> None:
+    pass
+
+
+async def _provisioned(nc: Client, names: Names) -> None:
+    for cfg in stream_configs(names):
+        info = await api(nc, f"STREAM.INFO.{cfg['name']}")
+        if "error" in info:
+            raise Unhealthy(f"stream {cfg['name']} is not provisioned")
+        diff = config_diff(cfg, info["config"])
+        if diff:
+            raise Unhealthy(f"stream {cfg['name']} differs from its definition: {diff[0]}")
+
+
+async def _lag(nc: Client, names: Names) -> int:
+    info = await api(nc, f"CONSUMER.INFO.{names.events}.{names.consumer}")
+    if "error" in info:
+        raise Unhealthy(f"projector consumer {names.consumer} is missing (registry never ran?)")
+    return int(info["num_pending"]) + int(info["num_ack_pending"])
+
+
+async def _answering(nc: Client, timeout_s: float) -> None:
+    try:
+        await nc.request(f"$SRV.PING.{SERVICE_NAME}", b"", timeout=timeout_s)
+    except Exception as e:  # noqa: BLE001 - no responders or timeout: not answering
+        raise Unhealthy(f"no {SERVICE_NAME} service answering ({type(e).__name__})") from None
