@@ -3,7 +3,9 @@
 Embed it in a worker process with `Agent`, or run it beside one with `agent run`.
 """
 
-from agent.agent import Agent, AgentError, AgentSettings, TaskCounts, derive_worker_id
+from agent.agent import Agent, AgentError
 from agent.probe import Prober
+from agent.settings import AgentSettings, derive_worker_id
+from agent.tasks import TaskCounts
 
 __all__ = ["Agent", "AgentError", "AgentSettings", "Prober", "TaskCounts", "derive_worker_id"]

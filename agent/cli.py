@@ -21,8 +21,9 @@ import msgspec
 import structlog
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from agent.agent import Agent, AgentError, AgentSettings, existing_path
+from agent.agent import Agent, AgentError
 from agent.probe import Prober
+from agent.settings import AgentSettings, existing_path
 from registry import protocol
 
 log = structlog.get_logger("agent.cli")

@@ -8,24 +8,34 @@ import json
 import re
 import socket
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import psutil
 import pytest
 from nats.aio.client import Client
+from nats.js import JetStreamContext
 from structlog.testing import capture_logs
 
 from agent import Agent, Prober
-from agent.agent import publish_event
-from registry import embedded, protocol
+from agent.publish import publish_event
+from registry import protocol
 from registry.embedded import NatsServer
 from registry.provision import provision
 from tests.conftest import eventually
-from tests.integration.registry_helpers import bounded, record, registry_process
+from tests.integration.registry_helpers import (
+    bounded,
+    publish,
+    record,
+    registry_process,
+    running_registry,
+    unregister_body,
+)
 
+T = TypeVar("T")
 FAST = {"reconnect_wait_s": 0.1, "reconnect_jitter_s": 0.1, "publish_timeout_s": 1.0}
 
 
@@ -70,25 +80,6 @@ async def until_stored(
         return found if len(found) >= n else None
 
     return await eventually(enough, timeout=timeout)
-
-
-def port_free_reusable(host: str, port: int) -> bool:
-    """The check nats-server itself passes: SO_REUSEADDR, so the TIME_WAIT sockets
-    of the clients it just closed do not count as the port being taken."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind((host, port))
-        except OSError:
-            return False
-    return True
-
-
-@pytest.fixture
-def restartable(monkeypatch: pytest.MonkeyPatch) -> None:
-    """NatsServer.start() refuses a port with TIME_WAIT sockets on it, which every
-    restart under connected clients leaves; check the way the server binds."""
-    monkeypatch.setattr(embedded, "port_free", port_free_reusable)
 
 
 def agent(url: str, name: str, **options: Any) -> Agent:
@@ -193,6 +184,80 @@ async def test_control_register_makes_the_agent_register_again(
     assert {"control_undecodable", "control_ignored", "control_register_requested"} <= set(events)
 
 
+# ---------------------------------------------------------------- a slot filled or freed
+
+
+def active_tasks(beat: Stored) -> int:
+    assert isinstance(beat.event, protocol.HeartbeatEvent)
+    return beat.event.metrics.active_tasks
+
+
+async def beat_after(nc: Client, worker_id: str, seq: int, active: int) -> Stored | None:
+    """The first heartbeat stored after `seq` reporting `active` tasks."""
+    beats = of_kind(await stored(nc, worker_id), "heartbeat")
+    return next((b for b in beats if b.seq > seq and active_tasks(b) == active), None)
+
+
+@bounded(20)
+async def test_filling_and_freeing_the_last_slot_beats_at_once(
+    nats_server: NatsServer, nc: Client
+) -> None:
+    await provision(nc)
+    async with agent(nats_server.url, "full", worker_id="full-1", heartbeat_interval_s=5,
+                     max_concurrent_tasks=1) as a:  # fmt: skip
+        async with a.task():
+            full = await eventually(lambda: beat_after(nc, "full-1", 0, active=1), timeout=1.0)
+        freed = await eventually(lambda: beat_after(nc, "full-1", full.seq, 0), timeout=1.0)
+    assert isinstance(freed.event, protocol.HeartbeatEvent)
+    assert freed.event.metrics.completed_tasks == 1
+
+
+@bounded(20)
+async def test_immediate_beats_coalesce_under_a_burst_of_tasks(
+    nats_server: NatsServer, nc: Client
+) -> None:
+    await provision(nc)
+    async with agent(nats_server.url, "burst", worker_id="burst-1", heartbeat_interval_s=5,
+                     max_concurrent_tasks=1) as a:  # fmt: skip
+        started = time.monotonic()
+        for _ in range(200):  # 400 changes of "has a free slot"
+            async with a.task():
+                await asyncio.sleep(0)
+            await asyncio.sleep(0.001)
+        burst_s = time.monotonic() - started
+        await asyncio.sleep(0.3)  # the trailing beat
+        beats = of_kind(await stored(nc, "burst-1"), "heartbeat")
+    window_s = burst_s + 0.3
+    assert 1 <= len(beats) <= window_s / 0.05 + 3, (len(beats), window_s)
+    last = beats[-1].event
+    assert isinstance(last, protocol.HeartbeatEvent)  # the final state was reported
+    assert (last.metrics.active_tasks, last.metrics.completed_tasks) == (0, 200)
+
+
+async def test_a_stopped_agent_still_counts_tasks(nats_server: NatsServer, nc: Client) -> None:
+    await provision(nc)
+    async with agent(nats_server.url, "late", worker_id="late-1", max_concurrent_tasks=1) as a:
+        pass
+    with a.task():  # fills the slot: the beat request finds no agent thread, and is dropped
+        pass
+    assert a.tasks.completed == 1
+
+
+@bounded(20)
+async def test_a_busy_worker_beats_right_after_registering_again(
+    nats_server: NatsServer, nc: Client
+) -> None:
+    """A registration folds to "online, idle"; the agent corrects that at once."""
+    await provision(nc)
+    async with agent(nats_server.url, "rb", worker_id="rb-1", heartbeat_interval_s=5,
+                     max_concurrent_tasks=1) as a:  # fmt: skip
+        async with a.task():
+            await eventually(lambda: beat_after(nc, "rb-1", 0, active=1), timeout=1.0)
+            await nc.publish(protocol.control_subject("rb-1"), b'{"v":1,"action":"register"}')
+            again = (await until_stored(nc, "rb-1", "register", n=2))[1]
+            await eventually(lambda: beat_after(nc, "rb-1", again.seq, active=1), timeout=1.0)
+
+
 # ---------------------------------------------------------------- surviving the network
 
 
@@ -220,7 +285,6 @@ async def test_heartbeats_flow_while_the_host_loop_is_blocked(
 
 
 @bounded(30)
-@pytest.mark.usefixtures("restartable")
 async def test_heartbeats_resume_after_the_server_restarts(
     nats_server: NatsServer, nc: Client
 ) -> None:
@@ -243,7 +307,6 @@ async def test_heartbeats_resume_after_the_server_restarts(
 
 
 @bounded(20)
-@pytest.mark.usefixtures("restartable")
 async def test_a_retried_publish_is_stored_once(nats_server: NatsServer, nc: Client) -> None:
     await provision(nc)
     event = protocol.UnregisterEvent(
@@ -289,3 +352,64 @@ async def test_the_registry_sees_the_agent_come_and_go(
         gone = await eventually(offline, timeout=10)
     assert gone["offline_reason"] == "unregistered"
     json.dumps(gone)  # a plain JSON record, as `nats kv get` shows it
+
+
+async def record_updates(js: JetStreamContext, worker_id: str) -> AsyncIterator[dict[str, Any]]:
+    """Every value the bucket takes for `worker_id` from now on (current one first)."""
+    kv = await js.key_value(protocol.BUCKET)
+    watcher = await kv.watch(worker_id)
+    try:
+        async for entry in watcher:
+            if entry is not None and entry.value:
+                yield json.loads(entry.value)
+    finally:
+        await watcher.stop()
+
+
+async def live_record(js: JetStreamContext, worker_id: str) -> dict[str, Any] | None:
+    rec = await record(js, worker_id)
+    return rec if rec is not None and rec["status"] == "online" else None
+
+
+@bounded(30)
+async def test_a_worker_the_registry_unregistered_registers_again(
+    nats_server: NatsServer, nc: Client
+) -> None:
+    js = nc.jetstream()
+    async with running_registry(nats_server.url, timeout_floor_s=0.5):
+        async with agent(nats_server.url, "again", worker_id="again-1",
+                         heartbeat_interval_s=0.3) as a:  # fmt: skip
+            first = await eventually(lambda: live_record(js, "again-1"), timeout=10)
+            controls = await nc.subscribe(protocol.control_subject("again-1"))
+            updates = record_updates(js, "again-1")
+            try:
+                await anext(updates)  # the watch is running: it yielded the current value
+                bye = unregister_body("again-1", a.incarnation, reason="operator")
+                unregistered = await publish(js, "unregister", "again-1", bye)
+                states = await asyncio.wait_for(collect(until_live_again(updates)), 5.0)
+            finally:
+                await updates.aclose()
+            control = json.loads((await controls.next_msg(timeout=1.0)).data)
+    offline, back = states[0], states[-1]
+    assert (offline["status"], offline["offline_reason"]) == ("offline", "unregistered")
+    assert offline["event_seq"] == unregistered.seq
+    assert control["action"] == "register"
+    assert (back["status"], back["offline_reason"], back["available"]) == ("online", None, True)
+    assert back["incarnation"] == first["incarnation"] == a.incarnation
+    registers = of_kind(await stored(nc, "again-1"), "register")
+    assert registers[0].seq < unregistered.seq < registers[1].seq
+
+
+async def collect(items: AsyncIterator[T]) -> list[T]:
+    return [item async for item in items]
+
+
+async def until_live_again(updates: AsyncIterator[dict[str, Any]]) -> AsyncIterator[dict[str, Any]]:
+    """Bucket values from the unregistered one to the first live one after it."""
+    gone = False
+    async for rec in updates:
+        gone = gone or rec["offline_reason"] == "unregistered"
+        if gone:
+            yield rec
+            if rec["offline_reason"] is None:
+                return

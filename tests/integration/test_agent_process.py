@@ -13,14 +13,16 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 from nats.aio.client import Client
+from nats.js import JetStreamContext
 
 from registry import protocol
 from registry.embedded import NatsServer
 from registry.provision import provision
 from tests.conftest import eventually
-from tests.integration.registry_helpers import bounded
+from tests.integration.registry_helpers import bounded, record, running_registry, stored_time
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -104,4 +106,41 @@ async def test_an_unreachable_server_is_retried_until_sigint(tmp_path: Path) -> 
     async with agent_process(args, tmp_path / "agent.log") as agent:
         await eventually(lambda: agent.logged("nats_unreachable"), timeout=15)
         assert await agent.signal(signal.SIGINT) == 0
+    assert "Traceback" not in agent.log_path.read_text()
+
+
+# ---------------------------------------------------------------- end to end with the registry
+
+
+async def in_state(js: JetStreamContext, worker_id: str, status: str) -> dict[str, Any] | None:
+    rec = await record(js, worker_id)
+    return rec if rec is not None and rec["status"] == status else None
+
+
+@bounded(40)
+async def test_agent_run_is_seen_by_the_registry_until_sigterm(
+    nats_server: NatsServer, nc: Client, tmp_path: Path
+) -> None:
+    js = nc.jetstream()
+    args = ["--nats", nats_server.url, "--name", "e2e", "--worker-id", "e2e-proc",
+            "--heartbeat-interval", "0.3"]  # fmt: skip
+    async with running_registry(nats_server.url, timeout_floor_s=0.5):
+        async with agent_process(args, tmp_path / "agent.log") as agent:
+            first = await eventually(lambda: in_state(js, "e2e-proc", "online"), timeout=15)
+
+            async def beaten_since() -> dict[str, Any] | None:
+                rec = await in_state(js, "e2e-proc", "online")
+                later = rec is not None and rec["last_heartbeat"] != first["last_heartbeat"]
+                return rec if later else None
+
+            beaten = await eventually(beaten_since, timeout=5)
+            assert await agent.signal(signal.SIGTERM) == 0
+        gone = await eventually(lambda: in_state(js, "e2e-proc", "offline"), timeout=10)
+    hardware = first["registration"]["hardware"]
+    assert hardware["cpu_cores"] == psutil.cpu_count(logical=True)
+    assert hardware["memory_gb"] == round(psutil.virtual_memory().total / 2**30, 2)
+    assert stored_time(beaten["last_heartbeat"]) > stored_time(first["last_heartbeat"])
+    assert beaten["event_seq"] > first["event_seq"]
+    assert (gone["offline_reason"], gone["available"]) == ("unregistered", False)
+    assert gone["incarnation"] == first["incarnation"]
     assert "Traceback" not in agent.log_path.read_text()

@@ -11,8 +11,8 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from agent.agent import AgentSettings
 from agent.cli import ProbeSettings, UsageError, main, parse
+from agent.settings import AgentSettings
 from registry.protocol import HardwareInfo, WorkerCapability, WorkerLocation, WorkerMetrics
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -7,11 +7,12 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from agent.agent import Agent, AgentSettings, build_registration, derive_worker_id
+from agent import Agent
 from agent.probe import Prober
+from agent.settings import AgentSettings, build_registration, derive_worker_id
 from registry import protocol
 from registry.protocol import WorkerCapability
-from tests.unit.test_probe import FakeGpu, FakeNvml
+from tests.unit.fakes import FakeGpu, FakeNvml
 
 
 def test_derived_id_is_stable_and_a_subject_token() -> None:

@@ -7,7 +7,8 @@ import threading
 
 import pytest
 
-from agent.agent import Agent, TaskCounts, TaskStats
+from agent import Agent
+from agent.tasks import TaskCounts, TaskStats
 from registry.protocol import WorkerMetrics
 
 USAGE = WorkerMetrics(cpu_usage_percent=10.0, memory_usage_percent=20.0)
@@ -80,3 +81,21 @@ def test_counters_are_written_into_the_metrics() -> None:
     assert (metrics.active_tasks, metrics.completed_tasks, metrics.failed_tasks) == (1, 1, 0)
     assert metrics.avg_task_duration_seconds == 0.5
     assert metrics.cpu_usage_percent == 10.0  # the sampled usage is kept
+
+
+def test_only_filling_or_freeing_the_last_slot_signals() -> None:
+    changes: list[int] = []
+    stats = TaskStats(max_tasks=2, on_slots_changed=lambda: changes.append(stats.snapshot().active))
+    for _ in range(3):  # 1: a slot left; 2: full; 3: over-full, still full
+        stats.started()
+    for _ in range(3):  # 2: still full; 1: a slot is free; 0: still free
+        stats.finished(0.1, ok=True)
+    assert changes == [2, 1]
+
+
+def test_with_one_slot_every_start_and_end_signals() -> None:
+    changes: list[str] = []
+    stats = TaskStats(max_tasks=1, on_slots_changed=lambda: changes.append("changed"))
+    stats.started()
+    stats.finished(0.1, ok=False)
+    assert changes == ["changed", "changed"]

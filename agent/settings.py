@@ -1,0 +1,170 @@
+"""What a person configures about an agent, and who the worker is.
+
+`AgentSettings` validates human input once (flags, environment, keyword
+options); `derive_worker_id` gives a restarted worker the same id;
+`build_registration` turns settings plus a probe into the wire's registration.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Final
+from urllib.parse import urlsplit
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from agent.probe import Prober
+from registry import protocol
+from registry.protocol import WorkerCapability
+
+NATS_SCHEMES: Final = frozenset({"nats", "tls", "ws", "wss"})
+_UNSAFE_ID_CHARS: Final = re.compile(r"[^A-Za-z0-9_-]+")
+
+
+def split_commas(value: object) -> object:
+    """`"a, b,"` -> `("a", "b")`; anything else is left for pydantic to judge."""
+    if isinstance(value, str):
+        return tuple(part.strip() for part in value.split(",") if part.strip())
+    return value
+
+
+def parse_tags(value: object) -> object:
+    """`{"k": "v"}`, or `k=v` strings (a list, or one comma-separated string)."""
+    if isinstance(value, Mapping):
+        return value
+    items = split_commas(value)
+    if not isinstance(items, Iterable):
+        return value
+    tags: dict[str, str] = {}
+    for item in items:
+        key, sep, val = str(item).partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"tag {item!r} is not key=value")
+        tags[key.strip()] = val.strip()
+    return tags
+
+
+def existing_path(value: str) -> str:
+    if not Path(value).exists():
+        raise ValueError(f"no such file or directory: {value}")
+    return value
+
+
+def is_nats_url(url: str) -> bool:
+    parts = urlsplit(url if "://" in url else f"nats://{url}")
+    try:
+        return parts.scheme in NATS_SCHEMES and bool(parts.hostname) and parts.port != 0
+    except ValueError:  # a port that is not a number, or out of range
+        return False
+
+
+class AgentSettings(BaseModel):
+    """Everything a person configures about an agent, validated once."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    nats_url: str = Field(default="nats://127.0.0.1:4222", min_length=1)
+    name: str = Field(min_length=1, max_length=256)
+    capability: WorkerCapability | None = None  # None: gpu when a GPU is found, else cpu
+    worker_id: str | None = None  # None: derived from name and hostname
+    max_concurrent_tasks: int = Field(default=1, ge=1, le=1_000_000)
+    content_types: tuple[str, ...] = ()  # empty: the capability's defaults
+    tags: dict[str, str] = {}
+    heartbeat_interval_s: float = Field(default=5.0, gt=0.0, le=86400.0)
+    disk_path: str = "."
+    port: int = Field(default=8000, ge=0, le=65535)
+    publish_timeout_s: float = Field(default=2.0, gt=0.0)
+    unregister_timeout_s: float = Field(default=2.0, gt=0.0)
+    reconnect_wait_s: float = Field(default=2.0, gt=0.0)
+    reconnect_jitter_s: float = Field(default=1.0, ge=0.0)
+
+    @field_validator("nats_url")
+    @classmethod
+    def _nats_urls(cls, value: str) -> str:
+        if not all(is_nats_url(url.strip()) for url in value.split(",")):
+            raise ValueError("not a NATS URL (expected e.g. nats://127.0.0.1:4222)")
+        return value
+
+    @field_validator("disk_path")
+    @classmethod
+    def _existing_path(cls, value: str) -> str:
+        return existing_path(value)
+
+    @field_validator("worker_id")
+    @classmethod
+    def _valid_id(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        try:
+            return protocol.validate_worker_id(value)
+        except protocol.InvalidWorkerId:
+            raise ValueError(
+                "use 1-128 characters from A-Z a-z 0-9 _ - (one NATS subject token)"
+            ) from None
+
+    @field_validator("content_types", mode="before")
+    @classmethod
+    def _content_types(cls, value: object) -> object:
+        return split_commas(value)
+
+    @field_validator("content_types")
+    @classmethod
+    def _content_type_length(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        if any(len(t) > 128 for t in value):
+            raise ValueError("a content type is longer than 128 characters")
+        return value
+
+    @field_validator("tags", mode="before")
+    @classmethod
+    def _tags(cls, value: object) -> object:
+        return parse_tags(value)
+
+    @field_validator("tags")
+    @classmethod
+    def _tag_lengths(cls, value: dict[str, str]) -> dict[str, str]:
+        if any(len(k) > 128 or len(v) > 1024 for k, v in value.items()):
+            raise ValueError("tag keys are at most 128 characters, values 1024")
+        return value
+
+    @property
+    def servers(self) -> list[str]:
+        return [url.strip() for url in self.nats_url.split(",") if url.strip()]
+
+
+def derive_worker_id(name: str, hostname: str) -> str:
+    """A stable id from name and hostname, so a restarted worker keeps its id.
+
+    Characters outside [A-Za-z0-9_-] become '-'; when that (or truncation to
+    128) changed anything, a short hash of the original is appended so that
+    e.g. `a.b` and `a-b` do not collide.
+    """
+    raw = f"{name}-{hostname}"
+    safe = _UNSAFE_ID_CHARS.sub("-", raw).strip("-") or "worker"
+    if safe == raw and len(safe) <= 128:
+        return safe
+    digest = hashlib.sha256(raw.encode()).hexdigest()[:8]
+    return f"{safe[:119]}-{digest}"
+
+
+def build_registration(
+    settings: AgentSettings, worker_id: str, prober: Prober
+) -> protocol.WorkerRegistration:
+    """Probe the machine (blocking) and fill in the capability's defaults."""
+    hardware = prober.hardware()
+    capability = settings.capability or (
+        WorkerCapability.GPU if hardware.gpu_count else WorkerCapability.CPU
+    )
+    content_types = settings.content_types or protocol.DEFAULT_CONTENT_TYPES[capability]
+    return protocol.WorkerRegistration(
+        worker_id=worker_id,
+        name=settings.name,
+        capability=capability,
+        hardware=hardware,
+        location=prober.location(settings.port),
+        max_concurrent_tasks=settings.max_concurrent_tasks,
+        supported_content_types=list(content_types),
+        tags=dict(settings.tags),
+    )
