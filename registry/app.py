@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 
 import nats
 import structlog
@@ -14,6 +14,7 @@ from registry.embedded import NatsServer
 from registry.projector import Projector
 from registry.protocol import WorkerInfo
 from registry.provision import provision
+from registry.service import start_service
 from registry.settings import RegistrySettings
 from registry.sweep import ServerClock
 from registry.sweeper import Sweeper
@@ -22,15 +23,21 @@ log = structlog.get_logger("registry.app")
 
 
 async def connect(url: str, name: str, first_timeout_s: float = 2.0) -> Client:
-    """Connect, retrying with backoff while the server is unreachable (and saying so)."""
+    """Connect, retrying with backoff while the server is unreachable (and saying so).
+
+    With unlimited reconnects nats-py also retries the *first* connection forever,
+    silently, so this loop would never see a failure: the first connection may
+    retry once, and unlimited reconnects are switched on once connected.
+    """
     backoff = 0.2
     while True:
+        nc = Client()
         try:
-            return await nats.connect(
-                url, name=name, connect_timeout=first_timeout_s, max_reconnect_attempts=-1,
+            await nc.connect(
+                url, name=name, connect_timeout=first_timeout_s, max_reconnect_attempts=1,
                 reconnect_time_wait=0.5, allow_reconnect=True,
-                disconnected_cb=_say("nats_disconnected", url),
-                reconnected_cb=_say("nats_reconnected", url),
+                disconnected_cb=_on_disconnected(nc, url),
+                reconnected_cb=_on_reconnected(url),
                 error_cb=_error_cb,
             )  # fmt: skip
         except (OSError, nats.errors.Error, TimeoutError) as e:
@@ -38,13 +45,24 @@ async def connect(url: str, name: str, first_timeout_s: float = 2.0) -> Client:
                         retry_in_s=round(backoff, 1))  # fmt: skip
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, 5.0)
+            continue
+        nc.options["max_reconnect_attempts"] = -1  # connected: from now on, reconnect forever
+        return nc
 
 
-def _say(event: str, url: str) -> Callable[[], asyncio.Future[None]]:
+def _on_disconnected(nc: Client, url: str) -> Callable[[], Awaitable[None]]:
     async def cb() -> None:
-        log.warning(event, url=url) if event == "nats_disconnected" else log.info(event, url=url)
+        if not nc.is_closed:  # our own drain or close is not news
+            log.warning("nats_disconnected", url=url)
 
-    return cb  # type: ignore[return-value]
+    return cb
+
+
+def _on_reconnected(url: str) -> Callable[[], Awaitable[None]]:
+    async def cb() -> None:
+        log.info("nats_reconnected", url=url)
+
+    return cb
 
 
 async def _error_cb(e: Exception) -> None:
@@ -100,9 +118,15 @@ async def serve(
         try:
             await provision(nc, replicas=settings.replicas)
             registry = Registry(nc, settings)
-            on_ready(url)
-            log.info("registry_running", url=url)
-            await registry.run()
+            service = await start_service(nc, registry) if settings.service else None
+            try:
+                on_ready(url)
+                log.info("registry_running", url=url)
+                await registry.run()
+            finally:
+                if service is not None:
+                    with contextlib.suppress(Exception):
+                        await service.stop()
         finally:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(nc.drain(), 5.0)

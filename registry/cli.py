@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pydantic
 
-from registry import logs
+from registry import logs, ops
 from registry.embedded import ServerError
 from registry.provision import ProvisionError
 from registry.settings import RegistrySettings
@@ -125,10 +125,6 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     add_up(sub)
     add_check(sub)
-    try:
-        from registry import ops
-    except ImportError:
-        return parser
     ops.add_commands(sub)
     return parser
 

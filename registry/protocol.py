@@ -109,7 +109,7 @@ DEFAULT_CONTENT_TYPES: Final = {
 }
 
 
-class _Model(msgspec.Struct, kw_only=True):
+class _Model(msgspec.Struct, frozen=True, kw_only=True):
     pass
 
 

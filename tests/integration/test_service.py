@@ -1,0 +1,190 @@
+"""The `worker-registry` micro service against a real nats-server."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from nats.aio.client import Client
+from nats.micro.service import Service
+
+from registry.provision import provision
+from registry.service import start_service
+from tests.factories import FLEET, View, heartbeat, make_info, publish_events, register
+
+# ---------------------------------------------------------------- fixtures and helpers
+
+
+@pytest.fixture
+async def service(nc: Client) -> AsyncIterator[Service]:
+    await provision(nc)
+    svc = await start_service(nc, View({r.worker_id: r for r in FLEET}))
+    yield svc
+    await svc.stop()
+
+
+async def ask(nc: Client, endpoint: str, body: object | bytes = b"") -> Any:
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    msg = await nc.request(f"registry.{endpoint}", data, timeout=5.0)
+    assert not (msg.headers or {}).get("Nats-Service-Error"), msg.headers
+    return json.loads(msg.data)
+
+
+async def ask_error(nc: Client, endpoint: str, body: bytes) -> tuple[str, str]:
+    msg = await nc.request(f"registry.{endpoint}", body, timeout=5.0)
+    headers = msg.headers or {}
+    return headers.get("Nats-Service-Error-Code", ""), headers.get("Nats-Service-Error", "")
+
+
+# ---------------------------------------------------------------- discovery
+
+
+async def test_ping_answers_with_the_service_name(nc: Client, service: Service) -> None:
+    msg = await nc.request("$SRV.PING.worker-registry", b"", timeout=2.0)
+    assert json.loads(msg.data)["name"] == "worker-registry"
+
+
+async def test_info_lists_every_endpoint(nc: Client, service: Service) -> None:
+    info = json.loads((await nc.request("$SRV.INFO.worker-registry", b"", timeout=2.0)).data)
+    subjects = {e["subject"] for e in info["endpoints"]}
+    assert info["name"] == "worker-registry"
+    assert subjects == {f"registry.{n}" for n in ("list", "get", "stats", "pick", "history")}
+
+
+async def test_stats_verb_counts_requests_per_endpoint(nc: Client, service: Service) -> None:
+    await ask(nc, "stats", {})
+    stats = json.loads((await nc.request("$SRV.STATS.worker-registry", b"", timeout=2.0)).data)
+    by_name = {e["name"]: e["num_requests"] for e in stats["endpoints"]}
+    assert by_name["stats"] == 1
+
+
+# ---------------------------------------------------------------- list / get / stats / pick
+
+
+async def test_list_shows_live_workers(nc: Client, service: Service) -> None:
+    answer = await ask(nc, "list", {})
+    assert [w["registration"]["worker_id"] for w in answer["workers"]] == ["c1", "g1", "g2", "h1"]
+
+
+async def test_list_takes_an_empty_body(nc: Client, service: Service) -> None:
+    assert len((await ask(nc, "list"))["workers"]) == 4
+
+
+async def test_list_filters_and_all(nc: Client, service: Service) -> None:
+    gpus = await ask(nc, "list", {"capability": "gpu", "all": True})
+    assert [w["registration"]["worker_id"] for w in gpus["workers"]] == ["g1", "g2", "x1"]
+    eu = await ask(nc, "list", {"tag": "zone=eu", "available": True})
+    assert [w["registration"]["worker_id"] for w in eu["workers"]] == ["g1"]
+
+
+async def test_get_returns_the_record(nc: Client, service: Service) -> None:
+    record = await ask(nc, "get", {"worker_id": "g2"})
+    assert record["registration"]["worker_id"] == "g2"
+    assert record["status"] == "busy"
+
+
+async def test_get_unknown_id_is_a_404(nc: Client, service: Service) -> None:
+    code, text = await ask_error(nc, "get", b'{"worker_id": "nobody"}')
+    assert (code, text) == ("404", "no worker with id 'nobody'")
+
+
+async def test_get_invalid_id_is_a_400(nc: Client, service: Service) -> None:
+    code, text = await ask_error(nc, "get", b'{"worker_id": "a.b"}')
+    assert code == "400" and "invalid worker id" in text
+
+
+async def test_bad_json_is_a_400(nc: Client, service: Service) -> None:
+    code, text = await ask_error(nc, "list", b"{not json")
+    assert code == "400" and text.startswith("bad request: JSON is malformed")
+
+
+async def test_wrong_field_type_is_a_400(nc: Client, service: Service) -> None:
+    code, text = await ask_error(nc, "list", b'{"available": "yes"}')
+    assert code == "400" and "$.available" in text
+
+
+async def test_stats_count_the_fleet_and_carry_projector_counters(
+    nc: Client, service: Service
+) -> None:
+    assert await ask(nc, "stats", {}) == {
+        "total": 4, "online": 3, "offline": 2, "busy": 1, "gpu_workers": 2, "cpu_workers": 1,
+        "hybrid_workers": 1, "available": 2,
+        "events_applied": 42, "events_rejected": 3, "pending": 0, "lag": 0,
+    }  # fmt: skip
+
+
+async def test_pick_returns_an_available_worker(nc: Client, service: Service) -> None:
+    answer = await ask(nc, "pick", {"capability": "gpu", "content_type": "video"})
+    assert answer["worker"]["registration"]["worker_id"] == "g1"
+
+
+async def test_pick_returns_null_when_nobody_fits(nc: Client, service: Service) -> None:
+    assert await ask(nc, "pick", {"capability": "hybrid"}) == {"worker": None}
+
+
+async def test_pick_refuses_an_unknown_capability(nc: Client, service: Service) -> None:
+    code, text = await ask_error(nc, "pick", b'{"capability": "tpu"}')
+    assert code == "400" and "capability" in text
+
+
+async def test_an_answer_larger_than_max_payload_is_a_413(nc: Client) -> None:
+    many = {f"w{i}": make_info(f"w{i}") for i in range(nc.max_payload // 500)}
+    service = await start_service(nc, View(many))
+    try:
+        code, text = await ask_error(nc, "list", b"{}")
+    finally:
+        await service.stop()
+    assert code == "413" and "narrow the request" in text
+
+
+# ---------------------------------------------------------------- history
+
+
+async def test_history_returns_only_that_workers_events_in_order(
+    nc: Client, service: Service
+) -> None:
+    js = nc.jetstream()
+    await publish_events(
+        js, register("g1"), register("c1"), heartbeat("g1", "busy"), heartbeat("c1")
+    )
+    answer = await ask(nc, "history", {"worker_id": "g1"})
+    assert [(e["kind"], e["worker_id"]) for e in answer["events"]] == [
+        ("register", "g1"), ("heartbeat", "g1"),
+    ]  # fmt: skip
+    assert answer["events"][1]["event"]["status"] == "busy"
+    assert answer["events"][1]["summary"].startswith("status=busy tasks=0")
+
+
+async def test_history_limit_keeps_the_latest(nc: Client, service: Service) -> None:
+    js = nc.jetstream()
+    seqs = await publish_events(js, register("g1"), *(heartbeat("g1", active=i) for i in range(5)))
+    answer = await ask(nc, "history", {"worker_id": "g1", "limit": 2})
+    assert [e["seq"] for e in answer["events"]] == seqs[-2:]
+
+
+async def test_history_since_skips_older_events(nc: Client, service: Service) -> None:
+    js = nc.jetstream()
+    await publish_events(js, register("g1"))
+    answer = await ask(nc, "history", {"worker_id": "g1", "since": "2099-01-01T00:00:00Z"})
+    assert answer == {"events": []}
+    assert len((await ask(nc, "history", {"worker_id": "g1", "since": "1h"}))["events"]) == 1
+
+
+async def test_history_bad_range_is_a_400(nc: Client, service: Service) -> None:
+    code, text = await ask_error(
+        nc, "history", b'{"worker_id": "g1", "since": "1h", "until": "2h"}'
+    )
+    assert code == "400" and text.startswith("bad time range")
+
+
+async def test_history_of_an_unknown_worker_is_a_404(nc: Client, service: Service) -> None:
+    code, _ = await ask_error(nc, "history", b'{"worker_id": "nobody"}')
+    assert code == "404"
+
+
+async def test_history_marks_a_rejected_event(nc: Client, service: Service) -> None:
+    await nc.jetstream().publish("worker.heartbeat.g1", b'{"v": 1}')
+    [event] = (await ask(nc, "history", {"worker_id": "g1"}))["events"]
+    assert event["event"] is None and event["summary"].startswith("rejected: undecodable")
