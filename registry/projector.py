@@ -42,6 +42,20 @@ log = structlog.get_logger("registry.projector")
 WRITE_TIMEOUT_S = 5.0
 
 
+def raise_if_cancelled() -> None:
+    """Re-raise a cancellation that a library call swallowed.
+
+    On Python 3.11 `asyncio.wait_for` returns the result when it arrives in the
+    same loop iteration as a cancel, and nats-py awaits every reply that way; the
+    task's CancelledError then never comes, and a loop that carries on never
+    stops (the TaskGroup waits for it forever). The cancel request still counts
+    in `Task.cancelling()`, so it can be raised again here.
+    """
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
+
+
 class ResyncNeeded(Exception):
     """The bucket changed under us, or a write failed: reload and resume."""
 
@@ -133,6 +147,7 @@ class Projector:
             except asyncio.CancelledError:
                 raise
             except Exception as e:  # noqa: BLE001 - every fault here is retried
+                raise_if_cancelled()  # nats-py turns some cancellations into errors
                 self.counters.resyncs += 1
                 log.warning("projector_resync", error=f"{type(e).__name__}: {e}", retry_in_s=backoff)
                 await asyncio.sleep(backoff)
@@ -153,6 +168,7 @@ class Projector:
         )
         try:
             while True:
+                raise_if_cancelled()
                 try:
                     msgs = await psub.fetch(self.settings.batch_size, timeout=1.0)
                 except TimeoutError:

@@ -18,6 +18,7 @@ import structlog
 from nats.aio.client import Client
 from nats.js import api
 
+from registry.projector import raise_if_cancelled
 from registry.protocol import ExpiredEvent, WorkerInfo, encode, event_subject, new_msg_id
 from registry.settings import RegistrySettings
 from registry.sweep import DeadlineHeap, ServerClock, deadline, timeout_s
@@ -72,6 +73,7 @@ class Sweeper:
 
     async def run(self) -> None:
         while True:
+            raise_if_cancelled()
             await self.caught_up.wait()
             if not self.started:
                 self._start_grace()
@@ -97,8 +99,9 @@ class Sweeper:
         mono = time.monotonic()
         delay = MAX_SLEEP_S if at is None else self.clock.mono_at(at, mono) - mono
         if delay > 0:
-            try:
-                await asyncio.wait_for(self._wake.wait(), min(delay, MAX_SLEEP_S))
+            try:  # not wait_for: on 3.11 it can swallow a cancel that races the wake-up
+                async with asyncio.timeout(min(delay, MAX_SLEEP_S)):
+                    await self._wake.wait()
             except TimeoutError:
                 pass
 

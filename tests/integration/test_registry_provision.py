@@ -1,0 +1,79 @@
+"""Provisioning from the definitions under nats/: harmless to repeat; a stream that
+differs from its definition is refused with the field named."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from nats.aio.client import Client
+
+from registry.embedded import DEFINITIONS, NatsServer
+from registry.provision import ProvisionError, provision
+from tests.integration.registry_helpers import (
+    AVAILABILITY,
+    BUCKET,
+    EVENTS,
+    bounded,
+    heartbeat_body,
+    new_incarnation,
+    publish,
+    registry_process,
+)
+
+
+async def _stream_configs(nc: Client) -> dict[str, dict[str, Any]]:
+    out = {}
+    for name in (EVENTS, AVAILABILITY, f"KV_{BUCKET}"):
+        msg = await nc.request(f"$JS.API.STREAM.INFO.{name}", b"", timeout=5.0)
+        out[name] = json.loads(msg.data)["config"]
+    return out
+
+
+async def _create_events_stream_with(nc: Client, **changes: Any) -> None:
+    """WORKER_EVENTS as someone else made it: the definition with `changes`."""
+    cfg = {**json.loads((DEFINITIONS / "streams" / f"{EVENTS}.json").read_text()), **changes}
+    msg = await nc.request(f"$JS.API.STREAM.CREATE.{EVENTS}", json.dumps(cfg).encode(), timeout=5.0)
+    assert "error" not in json.loads(msg.data)
+
+
+@bounded(20)
+async def test_provisioning_twice_is_harmless(nats_server: NatsServer, nc: Client) -> None:
+    js = nc.jetstream()
+    assert await provision(nc) is True  # the bucket was created now
+    before = await _stream_configs(nc)
+    await publish(js, "heartbeat", "w-1", heartbeat_body("w-1", new_incarnation()))
+    assert await provision(nc) is False
+    assert await _stream_configs(nc) == before
+    assert (await js.stream_info(EVENTS)).state.messages == 1  # nothing lost
+    assert (await js.stream_info(f"KV_{BUCKET}")).config.name == f"KV_{BUCKET}"
+
+
+@bounded(20)
+async def test_stream_with_different_limit_is_refused_naming_the_field(
+    nats_server: NatsServer, nc: Client
+) -> None:
+    await _create_events_stream_with(nc, max_msgs_per_subject=5)
+    with pytest.raises(ProvisionError, match="max_msgs_per_subject") as err:
+        await provision(nc)
+    assert EVENTS in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+@bounded(30)
+async def test_registry_up_refuses_mismatched_stream_with_one_line(
+    nats_server: NatsServer, nc: Client, tmp_path: Path
+) -> None:
+    await _create_events_stream_with(nc, max_msgs_per_subject=5)
+    log = tmp_path / "stderr.log"
+    async with registry_process(["--nats", nats_server.url], log) as proc:
+        code = await proc.wait(20.0)
+        stdout = await proc.proc.stdout.read()  # type: ignore[union-attr]
+    lines = log.read_text().splitlines()
+    assert code != 0
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("registry: ") and "max_msgs_per_subject" in lines[0]
+    assert "Traceback" not in lines[0]
+    assert stdout == b""  # never announced itself as running
