@@ -110,9 +110,15 @@ class Registry:
 
 
 async def serve(
-    settings: RegistrySettings, on_ready: Callable[[str], None] = lambda url: None
+    settings: RegistrySettings,
+    on_ready: Callable[[str], None] = lambda url: None,
+    on_started: Callable[[Registry], None] = lambda registry: None,
 ) -> None:
-    """Run the registry until cancelled; stops everything it started."""
+    """Run the registry until cancelled; stops everything it started.
+
+    `on_ready(url)` once provisioned (events may flow); `on_started(registry)`
+    hands embedders and tests the running Registry (counters, records).
+    """
     async with nats_endpoint(settings) as url:
         nc = await connect(url, "worker-registry", settings.connect_timeout_s)
         try:
@@ -120,6 +126,7 @@ async def serve(
             registry = Registry(nc, settings)
             service = await start_service(nc, registry) if settings.service else None
             try:
+                on_started(registry)
                 on_ready(url)
                 log.info("registry_running", url=url)
                 await registry.run()

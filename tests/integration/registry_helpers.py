@@ -290,23 +290,15 @@ async def running_registry(
     settings = RegistrySettings(nats_url=url, **{"timeout_floor_s": 0.3, **overrides})
     made: list[app.Registry] = []
     ready = asyncio.Event()
-
-    class Capturing(app.Registry):
-        def __init__(self, *args: Any, **kwargs: Any) -> None:
-            super().__init__(*args, **kwargs)
-            made.append(self)
-
-    original, app.Registry = app.Registry, Capturing  # type: ignore[misc]
-    task = asyncio.create_task(app.serve(settings, on_ready=lambda _: ready.set()))
-    try:
-        waiter = asyncio.ensure_future(ready.wait())
-        await asyncio.wait({task, waiter}, timeout=10.0, return_when=asyncio.FIRST_COMPLETED)
-        waiter.cancel()
-        if task.done():
-            task.result()  # raise what stopped it
-        assert made, "registry did not start within 10 s"
-    finally:
-        app.Registry = original  # type: ignore[misc]
+    task = asyncio.create_task(
+        app.serve(settings, on_ready=lambda _: ready.set(), on_started=made.append)
+    )
+    waiter = asyncio.ensure_future(ready.wait())
+    await asyncio.wait({task, waiter}, timeout=10.0, return_when=asyncio.FIRST_COMPLETED)
+    waiter.cancel()
+    if task.done():
+        task.result()  # raise what stopped it
+    assert made, "registry did not start within 10 s"
     try:
         if caught_up:
             await asyncio.wait_for(made[0].projector.caught_up.wait(), 10.0)
