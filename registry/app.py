@@ -101,7 +101,14 @@ class Registry:
         return self.projector.records()
 
     def counters(self) -> dict[str, int | float]:
-        return {**self.projector.stats(), "expiries_published": self.sweeper.expiries_published}
+        s = self.sweeper
+        return {
+            **self.projector.stats(),
+            "expiries_published": s.expiries_published,
+            "lates_published": s.lates_published,
+            "expiries_held": s.expiries_held,
+            "brake_engaged": int(s.brake_engaged),
+        }
 
     async def run(self) -> None:
         async with asyncio.TaskGroup() as tg:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import nats
 from nats.aio.client import Client
 
@@ -55,6 +57,12 @@ async def _lag(nc: Client, names: Names) -> int:
 
 async def _answering(nc: Client, timeout_s: float) -> None:
     try:
-        await nc.request(f"$SRV.PING.{SERVICE_NAME}", b"", timeout=timeout_s)
-    except Exception as e:  # noqa: BLE001 - no responders or timeout: not answering
+        reply = await nc.request("registry.stats", b"{}", timeout=timeout_s)
+        stats = json.loads(reply.data)
+    except Exception as e:  # noqa: BLE001 - no responders, timeout, garbage: not answering
         raise Unhealthy(f"no {SERVICE_NAME} service answering ({type(e).__name__})") from None
+    if stats.get("brake_engaged"):
+        raise Unhealthy(
+            f"mass-expiry brake engaged: {stats.get('expiries_held', '?')} expiries held "
+            "(more than half the fleet went silent at once; check the network and agents)"
+        )

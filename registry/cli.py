@@ -41,6 +41,12 @@ def add_up(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                    help="minimum silence before expiry, seconds (default 1)")
     p.add_argument("--timeout-factor", type=float, default=_env_float("REGISTRY_TIMEOUT_FACTOR", 3.0),
                    help="heartbeat intervals missed before expiry (default 3)")
+    p.add_argument("--late-factor", type=float, default=_env_float("REGISTRY_LATE_FACTOR", 1.5),
+                   help="intervals missed before a worker is announced late (default 1.5; 0 off)")
+    p.add_argument("--brake-fraction", type=float,
+                   default=_env_float("REGISTRY_BRAKE_FRACTION", 0.5),
+                   help="hold expiries when more than this share of the fleet goes silent "
+                        "(default 0.5; 1 disables)")
     p.add_argument("--retention", type=float, default=_env_float("REGISTRY_RETENTION_S", 86400.0),
                    help="seconds an offline record stays in the bucket (default 86400)")
     p.add_argument("--replicas", type=int, default=int(os.environ.get("REGISTRY_REPLICAS", 1)),
@@ -54,6 +60,7 @@ def settings_from(args: argparse.Namespace) -> RegistrySettings:
     return RegistrySettings(
         nats_url=args.nats, port=args.port, data_dir=args.data_dir,
         timeout_floor_s=args.timeout_floor, timeout_factor=args.timeout_factor,
+        late_factor=args.late_factor, brake_fraction=args.brake_fraction,
         retention_s=args.retention, replicas=args.replicas,
     )  # fmt: skip
 

@@ -18,6 +18,7 @@ from registry.protocol import (
     Event,
     ExpiredEvent,
     HeartbeatEvent,
+    LateEvent,
     OfflineReason,
     RegisterEvent,
     UnregisterEvent,
@@ -53,15 +54,18 @@ class Unregistered:
 Outcome = Applied | Duplicate | Ignored | Unregistered
 
 
-def is_available(status: WorkerStatus, live: bool, active: int, max_tasks: int) -> bool:
-    return live and status is WorkerStatus.ONLINE and active < max_tasks
+def is_available(
+    status: WorkerStatus, live: bool, active: int, max_tasks: int, late: bool = False
+) -> bool:
+    return live and not late and status is WorkerStatus.ONLINE and active < max_tasks
 
 
 def _with(record: WorkerInfo, seq: int, **changes: object) -> WorkerInfo:
     new = msgspec.structs.replace(record, event_seq=seq, version=record.version + 1, **changes)
     available = is_available(
-        new.status, new.live, new.metrics.active_tasks, new.registration.max_concurrent_tasks
-    )
+        new.status, new.live, new.metrics.active_tasks, new.registration.max_concurrent_tasks,
+        new.late,
+    )  # fmt: skip
     return msgspec.structs.replace(new, available=available)
 
 
@@ -95,7 +99,7 @@ def _heartbeat(record: WorkerInfo | None, e: HeartbeatEvent, seq: int, at: datet
     return Applied(
         _with(
             record, seq, status=e.status, metrics=e.metrics, last_heartbeat=at,
-            last_heartbeat_seq=seq, offline_reason=None, offline_at=None,
+            last_heartbeat_seq=seq, offline_reason=None, offline_at=None, late=False,
         )
     )  # fmt: skip
 
@@ -120,8 +124,20 @@ def _expired(record: WorkerInfo | None, e: ExpiredEvent, seq: int, at: datetime)
     return Applied(_offline(record, seq, at, OfflineReason.EXPIRED))
 
 
+def _late(record: WorkerInfo | None, e: LateEvent, seq: int, at: datetime) -> Outcome:
+    if record is None or not record.live:
+        return Ignored("late notice for a worker that is not live")
+    if record.last_heartbeat != e.last_heartbeat:
+        return Ignored("a heartbeat arrived after the one the sweeper judged late")
+    if record.late:
+        return Ignored("already late")
+    return Applied(_with(record, seq, late=True))
+
+
 def _offline(record: WorkerInfo, seq: int, at: datetime, reason: OfflineReason) -> WorkerInfo:
-    return _with(record, seq, status=WorkerStatus.OFFLINE, offline_reason=reason, offline_at=at)
+    return _with(
+        record, seq, status=WorkerStatus.OFFLINE, offline_reason=reason, offline_at=at, late=False
+    )
 
 
 def evolve(record: WorkerInfo | None, event: Event, seq: int, stored_at: datetime) -> Outcome:
@@ -137,6 +153,8 @@ def evolve(record: WorkerInfo | None, event: Event, seq: int, stored_at: datetim
             return _unregister(record, event, seq, stored_at)
         case ExpiredEvent():
             return _expired(record, event, seq, stored_at)
+        case LateEvent():
+            return _late(record, event, seq, stored_at)
         case _:
             assert_never(event)
 
@@ -144,6 +162,8 @@ def evolve(record: WorkerInfo | None, event: Event, seq: int, stored_at: datetim
 def availability_reason(record: WorkerInfo) -> str:
     if record.offline_reason is not None:
         return str(record.offline_reason)
+    if record.late:
+        return "late"
     if record.status is not WorkerStatus.ONLINE:
         return str(record.status)
     if record.metrics.active_tasks >= record.registration.max_concurrent_tasks:

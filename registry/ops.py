@@ -418,7 +418,7 @@ def _applied(before: WorkerInfo | None, after: WorkerInfo, e: StoredEvent) -> st
     if e.kind == "register":
         again = before is not None and before.incarnation != after.incarnation and before.live
         return ("re-registered by a new process: " if again else "") + e.summary
-    if e.kind in ("unregister", "expired"):
+    if e.kind in ("unregister", "expired", "late"):
         return e.summary
     if before is None or not before.live:
         after_what = before.offline_reason if before else "nothing"

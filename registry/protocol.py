@@ -26,7 +26,7 @@ BUCKET: Final = "workers"
 PROJECTOR_CONSUMER: Final = "registry-projector"
 SERVICE_NAME: Final = "worker-registry"
 
-EVENT_KINDS: Final = ("register", "heartbeat", "unregister", "expired")
+EVENT_KINDS: Final = ("register", "heartbeat", "unregister", "expired", "late")
 MAX_EVENT_BYTES: Final = 64 * 1024
 
 _ID_RE: Final = re.compile(r"[A-Za-z0-9_-]{1,128}")
@@ -208,13 +208,28 @@ class ExpiredEvent(_Model, frozen=True, kw_only=True):
     detected_at: datetime
 
 
-Event = RegisterEvent | HeartbeatEvent | UnregisterEvent | ExpiredEvent
+class LateEvent(_Model, frozen=True, kw_only=True):
+    """The sweeper's notice that a worker missed its beat (1.5 intervals by default).
+
+    Folded into `late: true` and `available: false` until the next heartbeat, so
+    routers stop sending work to a worker before it is expired.
+    """
+
+    v: int = SCHEMA_VERSION
+    worker_id: WorkerId
+    last_heartbeat: datetime
+    late_after_s: Seconds
+    detected_at: datetime
+
+
+Event = RegisterEvent | HeartbeatEvent | UnregisterEvent | ExpiredEvent | LateEvent
 
 EVENT_TYPES: Final[dict[str, type[Event]]] = {
     "register": RegisterEvent,
     "heartbeat": HeartbeatEvent,
     "unregister": UnregisterEvent,
     "expired": ExpiredEvent,
+    "late": LateEvent,
 }
 EVENT_KIND: Final[dict[type[Event], str]] = {t: k for k, t in EVENT_TYPES.items()}
 
@@ -282,6 +297,7 @@ class WorkerInfo(_Model, frozen=True, kw_only=True):
     heartbeat_interval_s: Interval = 1.0
     last_heartbeat_seq: Seq = 0
     offline_at: datetime | None = None
+    late: bool = False
 
     @property
     def worker_id(self) -> str:

@@ -44,6 +44,7 @@ from registry.protocol import (
     BadEvent,
     Event,
     ExpiredEvent,
+    LateEvent,
     HeartbeatEvent,
     RegisterEvent,
     UnregisterEvent,
@@ -192,6 +193,11 @@ def summarize(event: Event) -> str:
             return (
                 f"expired: no heartbeat since {timeparse.format_instant(event.last_heartbeat)} "
                 f"(timeout {timeparse.format_seconds(event.timeout_s)})"
+            )
+        case LateEvent():
+            return (
+                f"late: no heartbeat since {timeparse.format_instant(event.last_heartbeat)} "
+                f"(announced unavailable after {timeparse.format_seconds(event.late_after_s)})"
             )
         case _:
             assert_never(event)

@@ -20,6 +20,18 @@ def deadline(last_heartbeat: float, timeout: float, grace_until: float) -> float
     return max(last_heartbeat + timeout, grace_until)
 
 
+def brake_engaged(silent: int, live: int, recent: int, fraction: float, min_fleet: int) -> bool:
+    """Mass-expiry brake: more than `fraction` of the fleet dying at once is suspect.
+
+    `silent` workers are overdue or past their late deadline, among `live`
+    tracked ones; `recent` were expired within the brake window. Past the
+    fraction, the registry suspects itself (or the network) before it declares
+    a fleet dead.
+    """
+    fleet = live + recent
+    return fleet >= min_fleet and silent + recent > fraction * fleet
+
+
 @dataclass(order=True, frozen=True, slots=True)
 class Due:
     at: float

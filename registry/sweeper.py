@@ -1,16 +1,22 @@
-"""Clock + sweep.py -> `worker.expired.<id>` events. Never writes the bucket.
+"""Clock + sweep.py -> `worker.late.<id>` / `worker.expired.<id>` events. Never writes the bucket.
 
-Deadlines live in a heap and the sweeper sleeps until the earliest one, so a
-silent worker is judged within milliseconds of its timeout, not on a polling
+Deadlines live in heaps and the sweeper sleeps until the earliest one, so a
+silent worker is judged within milliseconds of its deadline, not on a polling
 tick. It judges nobody until the projector has caught up, and grants one
 timeout of grace (from the moment it starts judging) to workers it has not
 seen beat since, so a registry restart never kills healthy workers.
+
+A worker more than `late_factor` intervals behind is announced late
+(unavailable) first; its next heartbeat makes it available again. When more
+than `brake_fraction` of the fleet would expire at once, expiries are held and
+the registry says so loudly: it suspects itself before it declares a fleet dead.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
+from collections import deque
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 
@@ -19,13 +25,23 @@ from nats.aio.client import Client
 from nats.js import api
 
 from registry.projector import raise_if_cancelled
-from registry.protocol import ExpiredEvent, WorkerInfo, encode, event_subject, new_msg_id
+from registry.protocol import (
+    Event,
+    ExpiredEvent,
+    LateEvent,
+    WorkerInfo,
+    encode,
+    event_subject,
+    new_msg_id,
+)
 from registry.settings import RegistrySettings
-from registry.sweep import DeadlineHeap, ServerClock, deadline, timeout_s
+from registry.sweep import DeadlineHeap, Due, ServerClock, brake_engaged, deadline, timeout_s
 
 log = structlog.get_logger("registry.sweeper")
 
 MAX_SLEEP_S = 1.0
+HOLD_RECHECK_S = 1.0
+HOLD_LOG_EVERY_S = 5.0
 
 
 class Sweeper:
@@ -43,31 +59,55 @@ class Sweeper:
         self.records = records
         self.caught_up = caught_up
         self.heap = DeadlineHeap()
+        self.late_heap = DeadlineHeap()
         self.started = False
         self.expiries_published = 0
+        self.lates_published = 0
+        self.expiries_held = 0
+        self.brake_engaged = False
+        self._recent: deque[float] = deque()
+        self._silent: dict[str, float] = {}  # past their late deadline: id -> judged heartbeat
+        self._last_hold_log = 0.0
         self._wake = asyncio.Event()
 
     def timeout_of(self, record: WorkerInfo) -> float:
         s = self.settings
         return timeout_s(record.heartbeat_interval_s, s.timeout_floor_s, s.timeout_factor)
 
+    def late_after(self, record: WorkerInfo) -> float | None:
+        factor = self.settings.late_factor
+        return factor * record.heartbeat_interval_s if factor > 0 else None
+
     # ------------------------------------------------------------ fed by the projector
 
     def observe(self, record: WorkerInfo) -> None:
-        """A record was written: (re)arm or drop its deadline."""
-        if not self.started:
-            return  # the heap is built from all records when judging starts
-        if not record.live:
-            self.heap.discard(record.worker_id)
-            return
-        last = record.last_heartbeat.timestamp()
-        self.heap.set(record.worker_id, last, last + self.timeout_of(record))
-        self._wake.set()
+        """A record was written: (re)arm or drop its deadlines."""
+        if self.started:  # before, the heaps are built from all records when judging starts
+            self._arm(record, grace_until=0.0)
+            self._wake.set()
 
     def reset(self, records: Mapping[str, WorkerInfo]) -> None:
         """The projector reloaded the bucket: judge nobody until caught up again."""
         self.started = False
         self.heap = DeadlineHeap()
+        self.late_heap = DeadlineHeap()
+
+    def _arm(self, record: WorkerInfo, grace_until: float) -> None:
+        wid = record.worker_id
+        last = record.last_heartbeat.timestamp()
+        if self._silent.get(wid, last) != last or not record.live:
+            self._silent.pop(wid, None)
+        if not record.live:
+            self.heap.discard(wid)
+            self.late_heap.discard(wid)
+            return
+        timeout = self.timeout_of(record)
+        self.heap.set(wid, last, deadline(last, timeout, _grace(grace_until, timeout)))
+        late = self.late_after(record)
+        if late is None or wid in self._silent:
+            self.late_heap.discard(wid)
+        else:
+            self.late_heap.set(wid, last, deadline(last, late, _grace(grace_until, late)))
 
     # ------------------------------------------------------------ the loop
 
@@ -79,25 +119,23 @@ class Sweeper:
                 self._start_grace()
             await self._sleep_until_due()
             if self.caught_up.is_set():
-                await self._expire_due()
+                await self._judge()
 
     def _start_grace(self) -> None:
         now = self.clock.now(time.monotonic())
         self.started = True
         self.heap = DeadlineHeap()
+        self.late_heap = DeadlineHeap()
+        self._silent.clear()
         for record in self.records().values():
-            if record.live:
-                last = record.last_heartbeat.timestamp()
-                timeout = self.timeout_of(record)
-                at = deadline(last, timeout, now + timeout)
-                self.heap.set(record.worker_id, last, at)
+            self._arm(record, grace_until=now)
         log.info("sweeper_started", workers=len(self.heap), server_time=now)
 
     async def _sleep_until_due(self) -> None:
         self._wake.clear()
-        at = self.heap.next_at()
+        dues = [at for at in (self.heap.next_at(), self.late_heap.next_at()) if at is not None]
         mono = time.monotonic()
-        delay = MAX_SLEEP_S if at is None else self.clock.mono_at(at, mono) - mono
+        delay = self.clock.mono_at(min(dues), mono) - mono if dues else MAX_SLEEP_S
         if delay > 0:
             try:  # not wait_for: on 3.11 it can swallow a cancel that races the wake-up
                 async with asyncio.timeout(min(delay, MAX_SLEEP_S)):
@@ -105,37 +143,100 @@ class Sweeper:
             except TimeoutError:
                 pass
 
-    async def _expire_due(self) -> None:
+    async def _judge(self) -> None:
         now = self.clock.now(time.monotonic())
+        for due in self._still_due(self.late_heap.pop_due(now)):
+            self._silent[due.worker_id] = due.last_heartbeat
+            record = self.records()[due.worker_id]
+            if record.available:  # a late notice only matters to routers
+                await self._publish(self._late_event(record, now), record)
+        overdue = self._still_due(self.heap.pop_due(now))
+        if (overdue or self.brake_engaged) and self._hold(overdue, now):
+            return
+        for due in overdue:
+            record = self.records()[due.worker_id]
+            if await self._publish(self._expired_event(record, now), record):
+                self._recent.append(now)
+
+    def _still_due(self, dues: list[Due]) -> list[Due]:
+        """Drop workers that went offline or beat since (their deadline is re-armed)."""
         records = self.records()
-        for due in self.heap.pop_due(now):
+        kept = []
+        for due in dues:
             record = records.get(due.worker_id)
             if record is None or not record.live:
                 continue
             if record.last_heartbeat.timestamp() != due.last_heartbeat:
-                self.observe(record)
+                self._arm(record, grace_until=0.0)
                 continue
-            await self._publish(record, now)
+            kept.append(due)
+        return kept
 
-    async def _publish(self, record: WorkerInfo, now: float) -> None:
-        timeout = self.timeout_of(record)
-        event = ExpiredEvent(
-            worker_id=record.worker_id,
-            last_heartbeat=record.last_heartbeat,
-            timeout_s=timeout,
+    def _hold(self, overdue: list[Due], now: float) -> bool:
+        """The mass-expiry brake: hold these expiries if too much of the fleet dies at once."""
+        s = self.settings
+        while self._recent and self._recent[0] < now - s.brake_window_s:
+            self._recent.popleft()
+        live = len(self.heap) + len(overdue)
+        silent = len(self._silent) + sum(d.worker_id not in self._silent for d in overdue)
+        engaged = brake_engaged(silent, live, len(self._recent), s.brake_fraction,
+                                s.brake_min_fleet)  # fmt: skip
+        if engaged:
+            for due in overdue:  # judged again shortly, unless they beat meanwhile
+                self.heap.set(due.worker_id, due.last_heartbeat, now + HOLD_RECHECK_S)
+            self.expiries_held = len(overdue)
+            if not self.brake_engaged or time.monotonic() - self._last_hold_log > HOLD_LOG_EVERY_S:
+                self._last_hold_log = time.monotonic()
+                log.error("mass_expiry_held", overdue=len(overdue), silent=silent, live=live,
+                          recently_expired=len(self._recent), fraction=s.brake_fraction)  # fmt: skip
+        elif self.brake_engaged:
+            log.warning("mass_expiry_released", overdue=len(overdue), silent=silent, live=live)
+            self.expiries_held = 0
+        self.brake_engaged = engaged
+        return engaged
+
+    # ------------------------------------------------------------ events
+
+    def _expired_event(self, record: WorkerInfo, now: float) -> ExpiredEvent:
+        return ExpiredEvent(
+            worker_id=record.worker_id, last_heartbeat=record.last_heartbeat,
+            timeout_s=self.timeout_of(record), detected_at=datetime.fromtimestamp(now, UTC),
+        )  # fmt: skip
+
+    def _late_event(self, record: WorkerInfo, now: float) -> LateEvent:
+        return LateEvent(
+            worker_id=record.worker_id, last_heartbeat=record.last_heartbeat,
+            late_after_s=self.late_after(record) or 0.0,
             detected_at=datetime.fromtimestamp(now, UTC),
-        )
-        headers = {api.Header.MSG_ID: new_msg_id()}
+        )  # fmt: skip
+
+    async def _publish(self, event: ExpiredEvent | LateEvent, record: WorkerInfo) -> bool:
+        kind = "expired" if isinstance(event, ExpiredEvent) else "late"
         try:
             await self.js.publish(
-                event_subject("expired", record.worker_id), encode(event), headers=headers
-            )
+                event_subject(kind, record.worker_id), encode(event),
+                headers={api.Header.MSG_ID: new_msg_id()},
+            )  # fmt: skip
         except Exception as e:  # noqa: BLE001 - judged again after a short pause
-            log.warning("expiry_publish_failed", worker_id=record.worker_id, error=str(e))
-            self.heap.set(record.worker_id, record.last_heartbeat.timestamp(), now + 0.5)
-            return
-        self.expiries_published += 1
-        log.info(
-            "worker_expired", worker_id=record.worker_id, timeout_s=timeout,
-            last_heartbeat=record.last_heartbeat.isoformat(),
-        )  # fmt: skip
+            log.warning("sweep_publish_failed", kind=kind, worker_id=record.worker_id, error=str(e))
+            heap = self.heap if kind == "expired" else self.late_heap
+            heap.set(record.worker_id, record.last_heartbeat.timestamp(), self._now() + 0.5)
+            return False
+        self._count(event)
+        log.info(f"worker_{kind}", worker_id=record.worker_id,
+                 last_heartbeat=record.last_heartbeat.isoformat())  # fmt: skip
+        return True
+
+    def _count(self, event: Event) -> None:
+        if isinstance(event, ExpiredEvent):
+            self.expiries_published += 1
+        else:
+            self.lates_published += 1
+
+    def _now(self) -> float:
+        return self.clock.now(time.monotonic())
+
+
+def _grace(started_at: float, span: float) -> float:
+    """Workers not seen beat since judging started get one `span` from then (0: none)."""
+    return started_at + span if started_at else 0.0

@@ -13,6 +13,7 @@ from registry.protocol import (
     ExpiredEvent,
     HardwareInfo,
     HeartbeatEvent,
+    LateEvent,
     OfflineReason,
     RegisterEvent,
     UnregisterEvent,
@@ -57,6 +58,10 @@ def leave(inc: str = "a") -> UnregisterEvent:
 
 def expire(last: datetime) -> ExpiredEvent:
     return ExpiredEvent(worker_id=WID, last_heartbeat=last, timeout_s=3.0, detected_at=last)
+
+
+def late(last: datetime) -> LateEvent:
+    return LateEvent(worker_id=WID, last_heartbeat=last, late_after_s=1.5, detected_at=last)
 
 
 def run(events: list[Event], start: int = 1) -> tuple[WorkerInfo | None, list[Outcome]]:
@@ -142,6 +147,27 @@ def test_same_incarnation_reregistration_keeps_its_history() -> None:
     assert rec.registered_at == at(1) and rec.metrics.completed_tasks == 7
 
 
+def test_late_worker_is_unavailable_until_its_next_heartbeat() -> None:
+    rec, _ = run([register(), beat(), late(at(2))])
+    assert rec is not None and rec.late and not rec.available and rec.live
+    assert availability(rec).reason == "late"
+    rec, _ = run([register(), beat(), late(at(2)), beat()])
+    assert rec is not None and not rec.late and rec.available
+
+
+def test_late_notice_for_an_older_heartbeat_is_ignored() -> None:
+    rec, outs = run([register(), beat(), late(at(1))])
+    assert isinstance(outs[-1], Ignored)
+    assert rec is not None and not rec.late and rec.available
+
+
+def test_late_worker_can_still_expire_and_revive() -> None:
+    rec, _ = run([register(), late(at(1)), expire(at(1))])
+    assert rec is not None and rec.offline_reason is OfflineReason.EXPIRED and not rec.late
+    rec, _ = run([register(), late(at(1)), expire(at(1)), beat()])
+    assert rec is not None and rec.live and rec.available
+
+
 # ---------------------------------------------------------------- properties
 
 incarnations = st.sampled_from(["a", "b"])
@@ -150,6 +176,7 @@ events = st.one_of(
     st.builds(beat, incarnations, st.sampled_from(list(WorkerStatus)), st.integers(0, 3), st.integers(0, 9)),
     incarnations.map(leave),
     st.integers(1, 40).map(lambda i: expire(at(i))),
+    st.integers(1, 40).map(lambda i: late(at(i))),
 )
 
 

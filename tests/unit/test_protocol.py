@@ -28,7 +28,7 @@ def golden(name: str) -> bytes:
     return (GOLDEN / name).read_bytes()
 
 
-@pytest.mark.parametrize("kind", ["register", "heartbeat", "unregister", "expired"])
+@pytest.mark.parametrize("kind", ["register", "heartbeat", "unregister", "expired", "late"])
 def test_golden_event_round_trips_unchanged(kind: str) -> None:
     data = golden(f"{kind}.json")
     event = decode_event(f"worker.{kind}.gpu-box-1", data)

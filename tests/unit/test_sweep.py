@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from registry.sweep import DeadlineHeap, ServerClock, deadline, timeout_s
+from registry.sweep import DeadlineHeap, ServerClock, brake_engaged, deadline, timeout_s
 
 
 def test_timeout_is_three_intervals_with_a_floor() -> None:
@@ -14,6 +14,16 @@ def test_timeout_is_three_intervals_with_a_floor() -> None:
 def test_deadline_never_before_grace() -> None:
     assert deadline(100.0, 15.0, grace_until=0.0) == 115.0
     assert deadline(100.0, 15.0, grace_until=200.0) == 200.0
+
+
+def test_brake_engages_when_more_than_half_the_fleet_would_expire_at_once() -> None:
+    assert not brake_engaged(silent=5, live=100, recent=0, fraction=0.5, min_fleet=10)
+    assert brake_engaged(silent=51, live=100, recent=0, fraction=0.5, min_fleet=10)
+    # deaths spread over the window count together
+    assert brake_engaged(silent=20, live=60, recent=40, fraction=0.5, min_fleet=10)
+    # a fleet smaller than min_fleet is never braked; fraction 1 disables the brake
+    assert not brake_engaged(silent=3, live=3, recent=0, fraction=0.5, min_fleet=10)
+    assert not brake_engaged(silent=100, live=100, recent=0, fraction=1.0, min_fleet=10)
 
 
 def test_heap_pops_only_what_is_due_in_order() -> None:
