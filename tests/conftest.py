@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar, overload
 
 import nats
 import pytest
@@ -32,21 +33,33 @@ async def nc(nats_server: NatsServer) -> AsyncIterator[Client]:
     await client.close()
 
 
+@overload
 async def eventually(
-    check: Callable[[], Awaitable[T] | T], timeout: float = 5.0, interval: float = 0.02
-) -> T:
+    check: Callable[[], Awaitable[T | None]], timeout: float = ..., interval: float = ...
+) -> T: ...
+
+
+@overload
+async def eventually(
+    check: Callable[[], T | None], timeout: float = ..., interval: float = ...
+) -> T: ...
+
+
+async def eventually(
+    check: Callable[[], Any], timeout: float = 5.0, interval: float = 0.02
+) -> Any:
     """Poll `check` until it returns a truthy value without raising; bounded."""
     deadline = time.monotonic() + timeout
     last: BaseException | None = None
     while True:
         try:
             result = check()
-            if asyncio.iscoroutine(result) or isinstance(result, Awaitable):
+            if inspect.isawaitable(result):
                 result = await result
             if result:
-                return result  # type: ignore[return-value]
+                return result
             last = None
-        except (AssertionError, Exception) as e:  # noqa: BLE001 - reported below
+        except Exception as e:  # noqa: BLE001 - reported below
             last = e
         if time.monotonic() > deadline:
             raise AssertionError(f"condition not met within {timeout} s") from last
