@@ -34,8 +34,9 @@ async def connect(url: str, name: str, first_timeout_s: float = 2.0) -> Client:
         nc = Client()
         try:
             await nc.connect(
-                url, name=name, connect_timeout=first_timeout_s, max_reconnect_attempts=1,
-                reconnect_time_wait=0.5, allow_reconnect=True,
+                url, name=name, connect_timeout=first_timeout_s,  # type: ignore[arg-type]
+                max_reconnect_attempts=1,
+                reconnect_time_wait=0.5, allow_reconnect=True,  # type: ignore[arg-type]
                 disconnected_cb=_on_disconnected(nc, url),
                 reconnected_cb=_on_reconnected(url),
                 error_cb=_error_cb,

@@ -10,8 +10,9 @@ import asyncio
 import os
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from pathlib import Path
+from typing import Any
 
 import pydantic
 
@@ -83,9 +84,11 @@ def run_up(args: argparse.Namespace) -> int:
         return 1
 
 
-def _run_until_signal(coro: object) -> int:
+def _run_until_signal(coro: Coroutine[Any, Any, None]) -> int:
+    """Run until done or SIGINT/SIGTERM (which cancel it); 0 either way."""
+
     async def main() -> None:
-        task = asyncio.ensure_future(coro)  # type: ignore[arg-type]
+        task = asyncio.ensure_future(coro)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, task.cancel)

@@ -45,7 +45,8 @@ DEFAULT_NAMES = Names()
 
 
 def load_definition(relpath: str, root: Path = DEFINITIONS) -> dict[str, Any]:
-    return json.loads((root / relpath).read_text())
+    definition: dict[str, Any] = json.loads((root / relpath).read_text())
+    return definition
 
 
 def stream_configs(names: Names, replicas: int = 1) -> list[dict[str, Any]]:
