@@ -11,10 +11,12 @@ already folded are skipped by the record's `event_seq` (exactly-once effect).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
+from functools import partial
 
 import structlog
 from nats.aio.client import Client
@@ -22,14 +24,24 @@ from nats.aio.msg import Msg
 from nats.js import api
 
 from registry import provision
-from registry.fold import Applied, Duplicate, Ignored, Unregistered, availability, evolve, routing_key
+from registry.consume import Puller
+from registry.fold import (
+    Applied,
+    Duplicate,
+    Ignored,
+    Unregistered,
+    availability,
+    evolve,
+    routing_key,
+)
+from registry.pipeline import Pipeline, PublishFailed
 from registry.protocol import (
     BadEvent,
     Control,
     WorkerInfo,
-    decode_event,
     available_subject,
     control_subject,
+    decode_event,
     encode,
 )
 from registry.provision import DEFAULT_NAMES, Names
@@ -117,6 +129,7 @@ class Projector:
         self.clock = clock
         self.names = names
         self.bucket = Bucket(self.js, names.bucket)
+        self.pipeline = Pipeline(nc)
         self.entries: dict[str, Entry] = {}
         self.tombstones: dict[str, int] = {}
         self.counters = Counters()
@@ -138,6 +151,14 @@ class Projector:
 
     async def run(self) -> None:
         """Project until cancelled; faults are retried with backoff."""
+        await self.pipeline.start()
+        try:
+            await self._run()
+        finally:
+            with contextlib.suppress(Exception):
+                await self.pipeline.stop()
+
+    async def _run(self) -> None:
         backoff = 0.1
         while True:
             try:
@@ -163,20 +184,19 @@ class Projector:
         log.info("projector_started", workers=len(self.entries), from_seq=start)
 
     async def _consume(self) -> None:
-        psub = await self.js.pull_subscribe_bind(
-            durable=self.names.consumer, stream=self.names.events
-        )
+        size = self.settings.batch_size
+        puller = Puller(self.nc, self.names.events, self.names.consumer, batch=size)
+        await puller.start()
         try:
             while True:
                 raise_if_cancelled()
-                try:
-                    msgs = await psub.fetch(self.settings.batch_size, timeout=1.0)
-                except TimeoutError:
+                msgs = await puller.take(size, timeout_s=1.0)
+                if msgs:
+                    await self._process(msgs)
+                else:
                     await self._idle()
-                    continue
-                await self._process(msgs)
         finally:
-            await psub.unsubscribe()
+            await puller.stop()
 
     async def _idle(self) -> None:
         self.counters.pending = 0
@@ -199,6 +219,7 @@ class Projector:
             self._fold_one(msg, batch)
         await self._write(batch)
         await self._announce(batch)
+        await self._flush()
         await self._send_controls(batch)
         await msgs[-1].ack()
         last = msgs[-1].metadata
@@ -249,36 +270,36 @@ class Projector:
         batch.dirty.add(wid)
 
     async def _write(self, batch: _Batch) -> None:
-        """One CAS write per touched worker (coalesced), pipelined, all awaited."""
-        pending = [
-            (wid, await self.bucket.start_write(self.entries[wid].record, self.entries[wid].revision))
-            for wid in batch.dirty
-        ]
-        for wid, fut in pending:
-            try:
-                ack = await asyncio.wait_for(fut, WRITE_TIMEOUT_S)
-            except Exception as e:
-                if is_conflict(e):
-                    raise ResyncNeeded(f"bucket key {wid} was written by someone else") from e
-                raise
-            self.entries[wid].revision = ack.seq
-            self.on_change(self.entries[wid].record)
-        self.counters.bucket_writes += len(pending)
+        """One CAS write per touched worker (coalesced), pipelined with the batch's announcements."""
+        for wid in batch.dirty:
+            entry = self.entries[wid]
+            headers = {api.Header.EXPECTED_LAST_SUBJECT_SEQUENCE.value: str(entry.revision)}
+            await self.pipeline.publish(
+                self.bucket.prefix + wid, encode(entry.record), headers, partial(self._stored, entry)
+            )
+        self.counters.bucket_writes += len(batch.dirty)
+
+    def _stored(self, entry: Entry, revision: int) -> None:
+        entry.revision = revision
+        self.on_change(entry.record)
 
     async def _announce(self, batch: _Batch) -> None:
-        futures = []
+        """Availability for workers whose routing fields changed; written with the batch."""
         for wid in set(batch.before) | batch.announce:
             record = self.entries[wid].record
             if wid not in batch.announce and routing_key(record) == batch.before[wid]:
                 continue
-            headers = {api.Header.MSG_ID: f"{wid}.{record.event_seq}"}
-            body = encode(availability(record))
-            futures.append(
-                await self.js.publish_async(available_subject(wid), body, headers=headers)
-            )
-        for fut in futures:
-            await asyncio.wait_for(fut, WRITE_TIMEOUT_S)
-        self.counters.availability_published += len(futures)
+            headers = {api.Header.MSG_ID.value: f"{wid}.{record.event_seq}"}
+            await self.pipeline.publish(available_subject(wid), encode(availability(record)), headers)
+            self.counters.availability_published += 1
+
+    async def _flush(self) -> None:
+        try:
+            await self.pipeline.flush(WRITE_TIMEOUT_S)
+        except PublishFailed as e:
+            if is_conflict(e):
+                raise ResyncNeeded(f"bucket key was written by someone else: {e}") from e
+            raise
 
     # ------------------------------------------------------------ control
 

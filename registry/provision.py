@@ -7,8 +7,8 @@ JetStream API as they are, so the CLI and the registry cannot drift apart.
 from __future__ import annotations
 
 import json
-from datetime import datetime
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 

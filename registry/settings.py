@@ -22,7 +22,7 @@ class RegistrySettings(BaseModel):
     brake_min_fleet: int = Field(default=10, ge=1)
     brake_window_s: float = Field(default=30.0, gt=0)
     retention_s: float = Field(default=86400.0, gt=0)
-    batch_size: int = Field(default=512, ge=1, le=20000)
+    batch_size: int = Field(default=4096, ge=1, le=20000)
     replicas: int = Field(default=1, ge=1, le=5)
     control_max_age_s: float = Field(default=30.0, gt=0)
     connect_timeout_s: float = Field(default=2.0, gt=0)

@@ -16,7 +16,8 @@ from nats.js.errors import (
     KeyWrongLastSequenceError,
 )
 
-from registry.protocol import BUCKET, WORKER_INFO_DECODER, WorkerInfo, encode
+from registry.pipeline import PublishFailed
+from registry.protocol import BUCKET, WORKER_INFO_DECODER, WorkerInfo
 
 log = structlog.get_logger("registry.store")
 
@@ -82,13 +83,6 @@ class Bucket:
             return None
         return Entry(WORKER_INFO_DECODER.decode(e.value), e.revision or 0)
 
-    async def start_write(self, record: WorkerInfo, last_revision: int) -> asyncio.Future[api.PubAck]:
-        """Pipelined compare-and-set write; await the returned future for the revision."""
-        headers = {api.Header.EXPECTED_LAST_SUBJECT_SEQUENCE: str(last_revision)}
-        return await self.js.publish_async(
-            self.prefix + record.worker_id, encode(record), headers=headers
-        )
-
     async def delete(self, key: str, last_revision: int) -> int:
         """Delete (a KV delete marker) if unchanged; returns the marker's revision."""
         headers = {
@@ -103,4 +97,4 @@ def is_conflict(err: BaseException) -> bool:
     """A CAS write refused because someone else wrote the key first."""
     if isinstance(err, KeyWrongLastSequenceError):
         return True
-    return isinstance(err, APIError) and err.err_code in WRONG_LAST_SEQUENCE
+    return isinstance(err, APIError | PublishFailed) and err.err_code in WRONG_LAST_SEQUENCE

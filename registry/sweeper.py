@@ -15,18 +15,20 @@ the registry says so loudly: it suspects itself before it declares a fleet dead.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
+from functools import partial
 
 import structlog
 from nats.aio.client import Client
 from nats.js import api
 
+from registry.pipeline import Pipeline
 from registry.projector import raise_if_cancelled
 from registry.protocol import (
-    Event,
     ExpiredEvent,
     LateEvent,
     WorkerInfo,
@@ -40,6 +42,7 @@ from registry.sweep import DeadlineHeap, Due, ServerClock, brake_engaged, deadli
 log = structlog.get_logger("registry.sweeper")
 
 MAX_SLEEP_S = 1.0
+PUBLISH_TIMEOUT_S = 5.0
 HOLD_RECHECK_S = 1.0
 HOLD_LOG_EVERY_S = 5.0
 
@@ -69,6 +72,7 @@ class Sweeper:
         self._silent: dict[str, float] = {}  # past their late deadline: id -> judged heartbeat
         self._last_hold_log = 0.0
         self._wake = asyncio.Event()
+        self.pipeline = Pipeline(nc)
 
     def timeout_of(self, record: WorkerInfo) -> float:
         s = self.settings
@@ -112,6 +116,14 @@ class Sweeper:
     # ------------------------------------------------------------ the loop
 
     async def run(self) -> None:
+        await self.pipeline.start()
+        try:
+            await self._loop()
+        finally:
+            with contextlib.suppress(Exception):
+                await self.pipeline.stop()
+
+    async def _loop(self) -> None:
         while True:
             raise_if_cancelled()
             await self.caught_up.wait()
@@ -144,19 +156,20 @@ class Sweeper:
                 pass
 
     async def _judge(self) -> None:
+        """Everyone due now, decided together and published in one pipelined flush."""
         now = self.clock.now(time.monotonic())
+        events: list[tuple[LateEvent | ExpiredEvent, WorkerInfo]] = []
         for due in self._still_due(self.late_heap.pop_due(now)):
             self._silent[due.worker_id] = due.last_heartbeat
             record = self.records()[due.worker_id]
             if record.available:  # a late notice only matters to routers
-                await self._publish(self._late_event(record, now), record)
+                events.append((self._late_event(record, now), record))
         overdue = self._still_due(self.heap.pop_due(now))
-        if (overdue or self.brake_engaged) and self._hold(overdue, now):
-            return
-        for due in overdue:
-            record = self.records()[due.worker_id]
-            if await self._publish(self._expired_event(record, now), record):
-                self._recent.append(now)
+        if not ((overdue or self.brake_engaged) and self._hold(overdue, now)):
+            events += [(self._expired_event(self.records()[d.worker_id], now),
+                        self.records()[d.worker_id]) for d in overdue]  # fmt: skip
+        if events:
+            await self._publish(events, now)
 
     def _still_due(self, dues: list[Due]) -> list[Due]:
         """Drop workers that went offline or beat since (their deadline is re-armed)."""
@@ -210,31 +223,37 @@ class Sweeper:
             detected_at=datetime.fromtimestamp(now, UTC),
         )  # fmt: skip
 
-    async def _publish(self, event: ExpiredEvent | LateEvent, record: WorkerInfo) -> bool:
-        kind = "expired" if isinstance(event, ExpiredEvent) else "late"
+    async def _publish(
+        self, events: list[tuple[LateEvent | ExpiredEvent, WorkerInfo]], now: float
+    ) -> None:
+        for event, record in events:
+            kind = _kind(event)
+            headers = {api.Header.MSG_ID.value: new_msg_id()}
+            subject = event_subject(kind, record.worker_id)
+            await self.pipeline.publish(subject, encode(event), headers, partial(self._count, event))
         try:
-            await self.js.publish(
-                event_subject(kind, record.worker_id), encode(event),
-                headers={api.Header.MSG_ID: new_msg_id()},
-            )  # fmt: skip
+            await self.pipeline.flush(PUBLISH_TIMEOUT_S)
         except Exception as e:  # noqa: BLE001 - judged again after a short pause
-            log.warning("sweep_publish_failed", kind=kind, worker_id=record.worker_id, error=str(e))
-            heap = self.heap if kind == "expired" else self.late_heap
-            heap.set(record.worker_id, record.last_heartbeat.timestamp(), self._now() + 0.5)
-            return False
-        self._count(event)
-        log.info(f"worker_{kind}", worker_id=record.worker_id,
-                 last_heartbeat=record.last_heartbeat.isoformat())  # fmt: skip
-        return True
+            log.warning("sweep_publish_failed", events=len(events), error=str(e))
+            for event, record in events:  # a repeat is harmless: the fold ignores it
+                heap = self.heap if isinstance(event, ExpiredEvent) else self.late_heap
+                heap.set(record.worker_id, record.last_heartbeat.timestamp(), now + 0.5)
 
-    def _count(self, event: Event) -> None:
+    def _count(self, event: LateEvent | ExpiredEvent, seq: int) -> None:
         if isinstance(event, ExpiredEvent):
             self.expiries_published += 1
+            self._recent.append(self._now())
         else:
             self.lates_published += 1
+        log.info(f"worker_{_kind(event)}", worker_id=event.worker_id, seq=seq,
+                 last_heartbeat=event.last_heartbeat.isoformat())  # fmt: skip
 
     def _now(self) -> float:
         return self.clock.now(time.monotonic())
+
+
+def _kind(event: LateEvent | ExpiredEvent) -> str:
+    return "expired" if isinstance(event, ExpiredEvent) else "late"
 
 
 def _grace(started_at: float, span: float) -> float:
