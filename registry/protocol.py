@@ -109,8 +109,13 @@ DEFAULT_CONTENT_TYPES: Final = {
 }
 
 
-class _Model(msgspec.Struct, frozen=True, kw_only=True):
-    pass
+class _Model(msgspec.Struct, frozen=True, kw_only=True, gc=False):
+    """Every wire type: immutable, keyword-only, and not tracked by the cyclic GC.
+
+    Structs hold no reference cycles, so the collector need not walk them: with
+    100,000 records in memory a full collection otherwise paused the projector
+    for seconds.
+    """
 
 
 class GpuInfo(_Model, frozen=True, kw_only=True):

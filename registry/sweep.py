@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import heapq
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 
 def timeout_s(heartbeat_interval_s: float, floor_s: float, factor: float = 3.0) -> float:
@@ -32,11 +33,12 @@ def brake_engaged(silent: int, live: int, recent: int, fraction: float, min_flee
     return fleet >= min_fleet and silent + recent > fraction * fleet
 
 
-@dataclass(order=True, frozen=True, slots=True)
-class Due:
+class Due(NamedTuple):
+    """A tuple of atoms, so CPython stops tracking it in the GC after its first pass."""
+
     at: float
-    worker_id: str = field(compare=False)
-    last_heartbeat: float = field(compare=False)
+    worker_id: str
+    last_heartbeat: float
 
 
 @dataclass(slots=True)
@@ -49,7 +51,7 @@ class DeadlineHeap:
     def set(self, worker_id: str, last_heartbeat: float, at: float) -> None:
         self._current[worker_id] = last_heartbeat
         heapq.heappush(self._heap, Due(at, worker_id, last_heartbeat))
-        if len(self._heap) > 4 * len(self._current) + 1024:
+        if len(self._heap) > 2 * len(self._current) + 1024:
             self._compact()
 
     def discard(self, worker_id: str) -> None:
