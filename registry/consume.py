@@ -37,6 +37,7 @@ class Puller:
         self._requested_at = 0.0
         self._wake = asyncio.Event()
         self._gone: str | None = None
+        self._reconnects = nc.stats["reconnects"]
 
     async def start(self) -> None:
         self._sub = await self.nc.subscribe(
@@ -60,6 +61,11 @@ class Puller:
                 pass
         if self._gone is not None:
             raise ConsumerGone(self._gone)
+        if self.nc.stats["reconnects"] != self._reconnects:
+            # our pull requests died with the old connection, and while we were away
+            # heartbeats could not be stored: resync, so the sweeper waits for the
+            # backlog and grants grace, as after a restart
+            raise ConsumerGone("reconnected to the server")
         return [self._queue.popleft() for _ in range(min(most, len(self._queue)))]
 
     async def _top_up(self) -> None:

@@ -38,6 +38,7 @@ from registry.pipeline import Pipeline, PublishFailed
 from registry.protocol import (
     BadEvent,
     Control,
+    Event,
     WorkerInfo,
     available_subject,
     control_subject,
@@ -138,6 +139,7 @@ class Projector:
         self.on_reset = on_reset
         self._last_control: dict[str, float] = {}
         self._last_clock_sync = 0.0
+        self._counted_through = 0
 
     # ------------------------------------------------------------ views
 
@@ -172,10 +174,11 @@ class Projector:
                 self.counters.resyncs += 1
                 log.warning("projector_resync", error=f"{type(e).__name__}: {e}", retry_in_s=backoff)
                 await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 5.0)
+                backoff = min(backoff * 2, 2.0)
 
     async def _sync(self) -> None:
         self.caught_up.clear()
+        await provision.provision(self.nc, self.names, self.settings.replicas)  # a lost store
         self.entries, self.tombstones = await self.bucket.load_all()
         floor = await provision.consumer_ack_floor(self.nc, self.names)
         start = floor + 1 if floor and self.entries else 1
@@ -233,12 +236,27 @@ class Projector:
         meta = msg.metadata
         seq, stored_at = meta.sequence.stream, meta.timestamp
         self.clock.observe(stored_at.timestamp(), time.monotonic())
+        fresh = seq > self._counted_through  # a batch folded again after a resync counts once
+        self._counted_through = max(seq, self._counted_through)
         try:
             event = decode_event(msg.subject, msg.data)
         except BadEvent as e:
-            self.counters.events_rejected += 1
-            log.warning("event_rejected", seq=seq, subject=msg.subject, reason=str(e))
+            self._reject(seq, msg.subject, str(e), fresh)
             return
+        except Exception as e:  # noqa: BLE001 - a decoder bug must not stall the stream either
+            log.error("decoder_failed", seq=seq, error=f"{type(e).__name__}: {e}")
+            self._reject(seq, msg.subject, f"decoder failed: {type(e).__name__}", fresh)
+            return
+        self._fold_event(event, seq, stored_at, batch, fresh)
+
+    def _reject(self, seq: int, subject: str, reason: str, fresh: bool) -> None:
+        if fresh:
+            self.counters.events_rejected += 1
+            log.warning("event_rejected", seq=seq, subject=subject, reason=reason)
+
+    def _fold_event(
+        self, event: Event, seq: int, stored_at: datetime, batch: _Batch, fresh: bool
+    ) -> None:
         wid = event.worker_id
         entry = self.entries.get(wid)
         record = entry.record if entry else None
@@ -246,17 +264,17 @@ class Projector:
             case Applied(new):
                 batch.before.setdefault(wid, routing_key(record))
                 self._stage(wid, new, batch)
-                self.counters.events_applied += 1
+                self.counters.events_applied += fresh
                 log.debug("event_applied", seq=seq, worker_id=wid, status=str(new.status))
             case Duplicate():
-                self.counters.events_duplicate += 1
+                self.counters.events_duplicate += fresh
                 if record is not None and seq == record.event_seq:
                     batch.announce.add(wid)  # re-announce what a crash may have cut off
             case Ignored(reason):
-                self.counters.events_ignored += 1
+                self.counters.events_ignored += fresh
                 log.info("event_ignored", seq=seq, worker_id=wid, reason=reason)
             case Unregistered(reason):
-                self.counters.events_unregistered += 1
+                self.counters.events_unregistered += fresh
                 log.info("event_unregistered_worker", seq=seq, worker_id=wid, reason=reason)
                 if self._recent(stored_at):
                     batch.controls[wid] = reason

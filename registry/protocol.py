@@ -265,7 +265,8 @@ def decode_event(subject: str, data: bytes) -> Event:
         raise BadEvent(f"body of {len(data)} bytes exceeds {MAX_EVENT_BYTES}")
     try:
         event = _DECODERS[kind].decode(data)
-    except (msgspec.DecodeError, RecursionError) as e:
+    except (msgspec.DecodeError, RecursionError, UnicodeDecodeError) as e:
+        # msgspec raises UnicodeDecodeError for an invalid UTF-8 byte inside a string
         raise BadEvent(f"undecodable {kind} body: {e}") from None
     if event.v != SCHEMA_VERSION:
         raise BadEvent(f"unsupported schema version v={event.v!r}")

@@ -21,6 +21,7 @@ from registry.embedded import DEFINITIONS
 STREAM_FILES = ("streams/WORKER_EVENTS.json", "streams/WORKER_AVAILABILITY.json", "kv/workers.json")
 CONSUMER_FILE = "consumers/registry-projector.json"
 STREAM_EXISTS = 10058
+API_TIMEOUT_S = 2.0  # short: after a server restart a request can be lost; we ask again
 
 
 class ProvisionError(RuntimeError):
@@ -72,7 +73,7 @@ def consumer_config(names: Names, start_seq: int) -> dict[str, Any]:
 
 async def api(nc: Client, subject: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
     payload = json.dumps(body).encode() if body is not None else b""
-    msg = await nc.request(f"$JS.API.{subject}", payload, timeout=5.0)
+    msg = await nc.request(f"$JS.API.{subject}", payload, timeout=API_TIMEOUT_S)
     result: dict[str, Any] = json.loads(msg.data)
     return result
 

@@ -43,6 +43,7 @@ log = structlog.get_logger("registry.sweeper")
 
 MAX_SLEEP_S = 1.0
 PUBLISH_TIMEOUT_S = 5.0
+DISCONNECTED_RECHECK_S = 0.1
 HOLD_RECHECK_S = 1.0
 HOLD_LOG_EVERY_S = 5.0
 
@@ -56,6 +57,7 @@ class Sweeper:
         records: Callable[[], Mapping[str, WorkerInfo]],
         caught_up: asyncio.Event,
     ) -> None:
+        self.nc = nc
         self.js = nc.jetstream()
         self.settings = settings
         self.clock = clock
@@ -73,6 +75,7 @@ class Sweeper:
         self._last_hold_log = 0.0
         self._wake = asyncio.Event()
         self.pipeline = Pipeline(nc)
+        self._reconnects = nc.stats["reconnects"]
 
     def timeout_of(self, record: WorkerInfo) -> float:
         s = self.settings
@@ -126,12 +129,26 @@ class Sweeper:
     async def _loop(self) -> None:
         while True:
             raise_if_cancelled()
+            if not self.nc.is_connected or self._reconnected():  # nobody could beat: judge nobody
+                await asyncio.sleep(DISCONNECTED_RECHECK_S)
+                continue
             await self.caught_up.wait()
             if not self.started:
                 self._start_grace()
             await self._sleep_until_due()
-            if self.caught_up.is_set():
+            if self.caught_up.is_set() and not self._reconnected():
                 await self._judge()
+
+    def _reconnected(self) -> bool:
+        """After a lost connection, wait for the projector's backlog and grant grace again."""
+        reconnects = self.nc.stats["reconnects"]
+        if reconnects == self._reconnects:
+            return False
+        self._reconnects = reconnects
+        self.reset({})
+        self.caught_up.clear()  # set again by the projector once it has caught up
+        log.info("sweeper_paused_after_reconnect")
+        return True
 
     def _start_grace(self) -> None:
         now = self.clock.now(time.monotonic())

@@ -76,6 +76,7 @@ def test_encoded_fields_use_the_plan_names() -> None:
         ("worker.heartbeat.gpu-box-1", golden("heartbeat.json").replace(b"41.5", b'"41.5"'), "Expected `float`"),
         ("worker.heartbeat.gpu-box-1", golden("heartbeat.json").replace(b"41.5", b"1e999"), ""),
         ("worker.heartbeat.gpu-box-1", b"[" * 100_000, ""),
+        ("worker.unregister.gpu-box-1", golden("unregister.json").replace(b"shutdown", b"\xff"), "utf-8"),
         ("worker.heartbeat.gpu-box-1", b" " * (protocol.MAX_EVENT_BYTES + 1), "exceeds"),
     ],
 )
