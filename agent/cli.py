@@ -83,6 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     run = commands.add_parser("run", help="register this machine and keep it beating")
     probe = commands.add_parser("probe", help="print the detected hardware as JSON (no NATS)")
+    commands.add_parser("simulate", help="run a fleet of simulated workers (agent simulate -h)")
     for field in RUN_FIELDS:
         _add_option(run, field)
     for field in PROBE_FIELDS:
@@ -209,6 +210,11 @@ def _on_signal(serving: asyncio.Task[None], sig: signal.Signals) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args[:1] == ["simulate"]:
+        from agent import simulate  # its own parser: the fleet has flags of its own
+
+        return simulate.main(args[1:])
     try:
         settings, level = parse(argv, os.environ)
     except UsageError as e:
