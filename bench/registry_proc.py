@@ -1,0 +1,94 @@
+"""The registry in a child process for the benchmarks: `registry_proc.py URL EVERY_S`.
+
+Runs the registry as `registry up --nats URL` does (`registry.app.serve`) and
+prints one JSON status line every EVERY_S seconds on stdout: the projector's
+counters, whether it has caught up, whether the sweeper is judging, how many
+records it holds, and the process's resident memory. Stops on SIGTERM.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import json
+import signal
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import psutil
+
+from registry import logs
+from registry.app import Registry, serve
+from registry.settings import RegistrySettings
+
+
+class GcPauses:
+    """Collector pauses in this process (gc.callbacks), by generation 2 and overall."""
+
+    def __init__(self) -> None:
+        self.started = 0.0
+        self.count = self.gen2 = 0
+        self.max_s = self.total_s = self.gen2_max_s = 0.0
+        gc.callbacks.append(self._cb)
+
+    def _cb(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self.started = time.perf_counter()
+            return
+        pause = time.perf_counter() - self.started
+        self.count += 1
+        self.total_s += pause
+        self.max_s = max(self.max_s, pause)
+        if info["generation"] == 2:
+            self.gen2 += 1
+            self.gen2_max_s = max(self.gen2_max_s, pause)
+
+    def status(self) -> dict[str, float]:
+        return {"gc_pauses": self.count, "gc_total_s": round(self.total_s, 3),
+                "gc_max_ms": round(self.max_s * 1000, 1), "gc_gen2": self.gen2,
+                "gc_gen2_max_ms": round(self.gen2_max_s * 1000, 1)}  # fmt: skip
+
+
+async def report(registry: Registry, every_s: float) -> None:
+    me = psutil.Process()
+    pauses = GcPauses()
+    while True:
+        status = {
+            "t": time.time(),
+            "caught_up": registry.projector.caught_up.is_set(),
+            "sweeping": registry.sweeper.started,
+            "records": len(registry.records()),
+            "rss": me.memory_info().rss,
+            "cpu_s": sum(me.cpu_times()[:2]),
+            **pauses.status(),
+            **registry.counters(),
+        }
+        print(json.dumps(status), flush=True)
+        await asyncio.sleep(every_s)
+
+
+async def main(url: str, every_s: float) -> None:
+    """`registry up --nats URL` (projector, sweeper, query service) plus status lines."""
+    logs.configure("warning", json=True)
+    reporters: list[asyncio.Task[None]] = []
+
+    def started(registry: Registry) -> None:
+        reporters.append(asyncio.create_task(report(registry, every_s)))
+
+    task = asyncio.current_task()
+    assert task is not None
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
+    try:
+        await serve(RegistrySettings(nats_url=url), on_started=started)
+    except asyncio.CancelledError:
+        pass
+    finally:
+        for reporter in reporters:
+            reporter.cancel()
+
+
+if __name__ == "__main__":
+    asyncio.run(main(sys.argv[1], float(sys.argv[2])))

@@ -1,0 +1,238 @@
+"""bench/results/*.json -> Markdown tables (only figures the run produced)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def _p(d: dict[str, Any] | None, unit: str = "") -> str:
+    if not d or d.get("n", 0) == 0:
+        return "n/a"
+    return f"{d['p50']} / {d['p99']} / {d['max']}{unit}"
+
+
+def _get(results: dict[str, Any], part: str) -> Any:
+    v = results.get(part)
+    return None if v is None or (isinstance(v, dict) and "error" in v) else v
+
+
+def _ok(value: float | None, limit: float, below: bool = True) -> str:
+    if value is None:
+        return "not measured"
+    met = value < limit if below else value >= limit
+    return "met" if met else "**missed**"
+
+
+def _table(head: list[str], rows: list[list[Any]]) -> list[str]:
+    out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    out += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return out + [""]
+
+
+def targets(r: dict[str, Any]) -> list[str]:
+    rows: list[list[Any]] = []
+    for t in _get(r, "throughput") or []:
+        rows.append(
+            [
+                f"projector throughput, {t['workers']:,} workers",
+                f"{t['ratio_to_pipelined']:.0%} of raw ({t['projector']['rate']:,} vs {max(x['rate'] for x in t['raw_pipelined']):,} events/s)",
+                ">= 70%",
+                _ok(t["ratio_to_pipelined"], 0.70, below=False),
+            ]
+        )
+    for lat in _get(r, "latency") or []:
+        if lat["events_per_s"] != 2000:
+            continue
+        w = f"{lat['workers']:,} workers"
+        b, ro = lat["event_to_bucket_ms"], lat["event_to_router_ms"]
+        rows.append(
+            [f"event -> bucket p99, {w} at 2,000/s", f"{b['p99']} ms", "< 50 ms", _ok(b["p99"], 50)]
+        )
+        rows.append(
+            [
+                f"change -> router p99, {w} at 2,000/s",
+                f"{ro['p99']} ms",
+                "< 50 ms",
+                _ok(ro["p99"], 50),
+            ]
+        )
+        d = lat.get("detection")
+        if d:
+            v = d["beyond_timeout_ms"]["p99"]
+            rows.append(
+                [
+                    f"detection p99 beyond timeout, {w}",
+                    f"{v} ms ({d['detected']}/{d['killed']} detected, {d['false_expiries']} false)",
+                    "< 1000 ms",
+                    _ok(v, 1000) if d["detected"] == d["killed"] else "**missed**",
+                ]
+            )
+    rt = _get(r, "routing") or []
+    if rt:
+        big = rt[-1]
+        rows.append(
+            [
+                f"pick() p99, {big['workers']:,} workers",
+                f"{big['pick_us']['p99']} us",
+                "< 50 us",
+                _ok(big["pick_us"]["p99"], 50),
+            ]
+        )
+        rows.append(
+            [
+                f"router memory, {big['workers']:,} workers",
+                f"{big['memory_per_worker_bytes']} B/worker",
+                "< 1 kB",
+                _ok(big["memory_per_worker_bytes"], 1024),
+            ]
+        )
+    sc = _get(r, "scale")
+    if sc:
+        big = sc["sizes"][-1]
+        rows.append(
+            [
+                f"registry memory, {big['workers']:,} workers (RSS after folding them)",
+                f"{big['rss_per_worker_bytes']} B/worker",
+                "< 3 kB",
+                _ok(big["rss_per_worker_bytes"], 3072),
+            ]
+        )
+        cs = sc["cold_start"]
+        per = round((cs["rss_after_mib"] - sc["empty_rss_mib"]) * 2**20 / cs["workers"])
+        rows.append(
+            [
+                f"registry memory, {cs['workers']:,} workers (RSS after a cold start)",
+                f"{per} B/worker",
+                "< 3 kB",
+                _ok(per, 3072),
+            ]
+        )
+        rows.append(
+            [
+                f"cold start, {cs['workers']:,} workers",
+                f"{cs['seconds']} s",
+                "< 30 s",
+                _ok(cs["seconds"], 30),
+            ]
+        )
+    return _table(["figure", "measured", "target", ""], rows)  # fmt: skip
+
+
+def markdown(doc: dict[str, Any]) -> str:
+    r, m = doc["results"], doc["machine"]
+    out = [f"# Benchmark results ({doc['mode']} run, {doc['started_at']})", ""]
+    out += [
+        (
+            f"Command: `{doc['command']}` ({doc.get('duration_s', '?')} s; load average at the "
+            f"end {doc.get('load_avg_at_end', '?')})."
+        ),
+        "",
+    ]
+    out += [
+        (
+            f"Machine: {m['cpu']}, {m['cores']} cores, {m['ram_gib']} GiB RAM, {m['os']}; "
+            f"Python {m['python']}, {m['nats_server']}, nats-py {m['nats_py']}, "
+            f"msgspec {m['msgspec']}; load average at start {m['load_avg_at_start']}."
+        ),
+        "",
+    ]
+    errors = {k: v["error"] for k, v in r.items() if isinstance(v, dict) and "error" in v}
+    for k, e in errors.items():
+        out += [f"**{k} failed:** {e}", ""]
+    out += ["## Targets", ""] + targets(r)
+    out += _throughput(_get(r, "throughput"))
+    out += _latency(_get(r, "latency"))
+    out += _routing(_get(r, "routing"))
+    out += _scale(_get(r, "scale"))
+    return "\n".join(out)
+
+
+def _throughput(tp: list[dict[str, Any]] | None) -> list[str]:
+    if not tp:
+        return []
+    rows = [[
+        f"{t['workers']:,}", f"{t['events']:,} ({t['mix']['register']:,} reg + {t['mix']['heartbeat']:,} hb)",
+        f"{t['projector']['rate']:,}",
+        " / ".join(f"{x['rate']:,}" for x in t["raw_pipelined"]), f"{t['ratio_to_pipelined']:.0%}",
+        f"{t['raw_straightforward']['rate']:,}", f"{t['ratio_to_straightforward']:.0%}",
+        f"{t['raw_lean']['rate']:,}", f"{t['ratio_to_lean']:.0%}",
+        f"{t['projector']['availability_published']:,}",
+    ] for t in tp]  # fmt: skip
+    head = ["workers", "events", "projector ev/s", "raw pipelined ev/s (before / after)",
+            "ratio", "raw straightforward ev/s", "ratio", "raw lean ev/s (ceiling)", "ratio",
+            "availability msgs"]  # fmt: skip
+    return ["## Projector throughput at saturation", ""] + _table(head, rows)
+
+
+def _latency(lat: list[dict[str, Any]] | None) -> list[str]:
+    if not lat:
+        return []
+    rows = [[
+        f"{x['workers']:,}", x["heartbeat_interval_s"], f"{x['events_per_s']:,}",
+        _p(x["event_to_bucket_ms"]), _p(x["event_to_bucket_stored_ms"]), _p(x["event_to_router_ms"]),
+        _p(x["availability_to_router_ms"]),
+        f"{x['cpu_percent']['registry']} / {x['cpu_percent']['nats-server']} / {x['cpu_percent']['simulator']}",
+        f"{x['registry_gc_in_window']['gen2_collections']} / {x['registry_gc_in_window']['max_pause_ms_since_start']}",
+    ] for x in lat]  # fmt: skip
+    head = ["workers", "interval s", "events/s", "event -> bucket ms (p50 / p99 / max)",
+            "event -> bucket stored ms", "event -> router ms", "availability -> router ms",
+            "CPU % registry / nats / simulator", "registry full GCs (warm-up to fleet exit) / longest GC pause ms"]  # fmt: skip
+    out = ["## Latency at a steady fleet", ""] + _table(head, rows)
+    det = [[f"{x['workers']:,}", x["heartbeat_interval_s"], x["detection"]["killed"],
+            x["detection"]["detected"], x["detection"]["false_expiries"],
+            _p(x["detection"].get("unavailable_after_last_beat_ms")),
+            _p(x["detection"]["beyond_timeout_ms"])]
+           for x in lat if x.get("detection")]  # fmt: skip
+    if det:
+        out += ["## Failure detection", ""]
+        out += _table(["workers", "interval s", "killed", "expired", "false expiries",
+                       "router sees it unavailable (late), ms after last heartbeat",
+                       "router sees it expired, ms beyond timeout (p50 / p99 / max)"], det)  # fmt: skip
+    return out
+
+
+def _routing(rt: list[dict[str, Any]] | None) -> list[str]:
+    if not rt:
+        return []
+    rows = [[f"{x['workers']:,}", x["pick_us"]["p50"], x["pick_us"]["p99"], x["pick_us"]["max"],
+             x["memory_per_worker_bytes"], x["ready_s"]] for x in rt]  # fmt: skip
+    head = ["workers", "pick() p50 us", "p99 us", "max us", "router B/worker (tracemalloc)",
+            "ready() s (follow the stream to the end)"]  # fmt: skip
+    return ["## Routing", ""] + _table(head, rows)
+
+
+def _scale(sc: dict[str, Any] | None) -> list[str]:
+    if not sc:
+        return []
+    rows = [[f"{x['workers']:,}", x["rss_mib"], x["rss_per_worker_bytes"], f"{x['fold_rate']:,}",
+             x["bucket_bytes_per_worker"], x["availability_bytes_per_worker"]] for x in sc["sizes"]]  # fmt: skip
+    head = ["workers", "registry RSS MiB", "registry B/worker", "fold ev/s (register + 1 heartbeat)",
+            "bucket B/worker", "availability stream B/worker"]  # fmt: skip
+    out = ["## Scale", "", f"Registry RSS with an empty bucket: {sc['empty_rss_mib']} MiB.", ""]
+    out += _table(head, rows)
+    cs = sc["cold_start"]
+    per = round((cs["rss_after_mib"] - sc["empty_rss_mib"]) * 2**20 / cs["workers"])
+    out += [
+        (
+            f"Cold start with {cs['workers']:,} workers in the bucket: {cs['seconds']} s from "
+            f"process launch to caught up and sweeping. RSS after it: {cs['rss_after_mib']} MiB, "
+            f"{per} B/worker over the empty registry (no backlog garbage, unlike the table "
+            "above)."
+        ),
+        "",
+    ]
+    s = sc.get("stream")
+    if s:
+        ext = s["extrapolated_mib"]
+        worst = s["extrapolated_worst_mib"]
+        out += ["### WORKER_EVENTS size per worker", ""]
+        out += [(f"Per-subject limit {s['max_msgs_per_subject']}: measured on {s['sample_workers']} workers "
+                f"driven past it ({s['messages_per_worker']} messages kept per worker): "
+                f"**{s['bytes_per_worker']:,} B/worker**; worst case (also {s['max_msgs_per_subject']}+ "
+                f"restarts and expiries: {s['worst_case_messages_per_worker']} messages): "
+                f"**{s['worst_case_bytes_per_worker']:,} B/worker**. A day at a 5 s interval is "
+                f"{s['day_at_5s_heartbeats']:,} heartbeats per worker, far past the limit, so this is "
+                "the size after a day (or a year)."), ""]  # fmt: skip
+        out += _table(["workers", "stream MiB (typical)", "stream MiB (worst case)"],
+                      [[f"{int(n):,}", ext[n], worst[n]] for n in ext])  # fmt: skip
+    return out

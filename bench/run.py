@@ -1,0 +1,146 @@
+"""Benchmarks of the worker registry, measured on one machine in one run.
+
+    .venv/bin/python bench/run.py            # full run (about 12 minutes on 2 cores)
+    .venv/bin/python bench/run.py --quick    # small sizes (under 2 minutes)
+    .venv/bin/python bench/run.py --only throughput,routing --profile
+
+Each part starts its own nats-server(s) on 127.0.0.1 with a temporary store.
+Results: bench/results/latest.json and latest.md (quick.json / quick.md with
+--quick). With --profile the projector is sampled with py-spy during the
+throughput run (bench/results/projector-profile.txt). See bench/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shlex
+import sys
+import time
+import traceback
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench import latency, report, routing, scale, throughput
+from bench.common import machine
+from bench.profile import PySpy, summary
+from registry import logs
+
+RESULTS = Path(__file__).resolve().parent / "results"
+PARTS = ("throughput", "latency", "routing", "scale")
+
+SIZES: dict[str, dict[str, Any]] = {
+    "quick": {
+        "throughput": [(1000, 10)],
+        "straight_max": 5000,
+        "latency": [
+            {"count": 1000, "interval_s": 0.5, "duration_s": 14.0, "warmup_s": 1.0,
+                 "kill": 20, "kill_after_s": 2.0, "kill_within_s": 3.0},
+        ],
+        "routing": [1000, 10000],
+        "memory": [1000, 5000],
+        "bytes_sample": (50, 5),
+    },
+    "full": {
+        "throughput": [(1000, 50), (10000, 5), (100000, 1)],
+        "straight_max": 10000,
+        "latency": [
+            {"count": 1000, "interval_s": 0.5, "duration_s": 20.0, "warmup_s": 2.0,
+                 "kill": 100, "kill_after_s": 3.0, "kill_within_s": 5.0},
+            {"count": 10000, "interval_s": 5.0, "duration_s": 45.0, "warmup_s": 5.0,
+                 "kill": 100, "kill_after_s": 5.0, "kill_within_s": 10.0},
+            {"count": 100000, "interval_s": 50.0, "duration_s": 110.0, "warmup_s": 10.0, "ramp_s": 60.0},
+        ],
+        "routing": [1000, 10000, 100000],
+        "memory": [1000, 10000, 100000],
+        "bytes_sample": (200, 20),
+    },
+}  # fmt: skip
+
+
+async def run_parts(mode: str, parts: list[str], profile: bool) -> dict[str, Any]:
+    sizes = SIZES[mode]
+    results: dict[str, Any] = {}
+
+    async def part(name: str, fn: Callable[[], Awaitable[Any]]) -> None:
+        if name not in parts:
+            return
+        t0 = time.monotonic()
+        print(f"bench: {name} ...", file=sys.stderr, flush=True)
+        try:
+            results[name] = await fn()
+        except Exception as e:  # noqa: BLE001 - recorded; the other parts still run
+            traceback.print_exc()
+            results[name] = {"error": f"{type(e).__name__}: {e}"}
+        print(f"bench: {name} done in {time.monotonic() - t0:.0f} s", file=sys.stderr, flush=True)
+
+    async def tp() -> list[dict[str, Any]]:
+        out = []
+        middle = len(sizes["throughput"]) // 2  # profiled: 10,000 workers in the full run
+        for i, (workers, rounds) in enumerate(sizes["throughput"]):
+            spy = PySpy(RESULTS / "projector-profile.raw") if profile and i == middle else None
+            out.append(await throughput.measure(workers, rounds, sizes["straight_max"], spy))
+            if spy is not None:
+                (RESULTS / "projector-profile.txt").write_text(summary(spy.path))
+        return out
+
+    async def lat() -> list[dict[str, Any]]:
+        return [await latency.measure(**kw) for kw in sizes["latency"]]
+
+    async def rt() -> list[dict[str, Any]]:
+        return [await routing.measure(n) for n in sizes["routing"]]
+
+    async def sc() -> dict[str, Any]:
+        mem = await scale.memory_and_cold_start(sizes["memory"])
+        return {**mem, "stream": await scale.stream_bytes(*sizes["bytes_sample"])}
+
+    await part("throughput", tp)
+    await part("latency", lat)
+    await part("routing", rt)
+    await part("scale", sc)
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="bench/run.py", description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="small sizes, under 2 minutes")
+    p.add_argument("--only", default=",".join(PARTS), help=f"comma-separated parts of {PARTS}")
+    p.add_argument("--profile", action="store_true", help="py-spy the projector at saturation")
+    p.add_argument("--name", help="results file name (default latest, or quick with --quick)")
+    args = p.parse_args(argv)
+    parts = [x.strip() for x in args.only.split(",") if x.strip()]
+    if bad := [x for x in parts if x not in PARTS]:
+        print(
+            f"bench/run.py: unknown part(s) {', '.join(bad)}; use {', '.join(PARTS)}",
+            file=sys.stderr,
+        )
+        return 2
+    mode = "quick" if args.quick else "full"
+    name = args.name or ("quick" if args.quick else "latest")
+    logs.configure("warning", json=True)
+    RESULTS.mkdir(exist_ok=True)
+    started = time.monotonic()
+    doc: dict[str, Any] = {
+        "command": shlex.join([".venv/bin/python", "bench/run.py", *(argv if argv is not None else sys.argv[1:])]),
+        "mode": mode,
+        "started_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "machine": machine(),
+    }  # fmt: skip
+    doc["results"] = asyncio.run(run_parts(mode, parts, args.profile))
+    doc["duration_s"] = round(time.monotonic() - started, 1)
+    doc["load_avg_at_end"] = [round(x, 2) for x in os.getloadavg()]
+    (RESULTS / f"{name}.json").write_text(json.dumps(doc, indent=2) + "\n")
+    (RESULTS / f"{name}.md").write_text(report.markdown(doc))
+    print(report.markdown(doc))
+    failed = [k for k, v in doc["results"].items() if isinstance(v, dict) and "error" in v]
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
