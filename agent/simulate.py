@@ -810,17 +810,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log-level", choices=LOG_LEVELS, help="(env LOG_LEVEL, default info)")
 
 
-def add_simulate_command(subparsers: argparse._SubParsersAction[Any]) -> argparse.ArgumentParser:
-    """`agent simulate ...` for the agent's command line."""
-    p: argparse.ArgumentParser = subparsers.add_parser(
-        "simulate", help="run a fleet of simulated workers on one connection",
-        description="Run N simulated workers (register, heartbeat, unregister) on one connection.",
-    )  # fmt: skip
-    add_arguments(p)
-    p.set_defaults(run=run_command)
-    return p
-
-
 def settings_from(args: argparse.Namespace, environ: dict[str, str] | None = None) -> SimSettings:
     """Flags, else environment variables, validated; UsageError names the flag."""
     env = os.environ if environ is None else environ

@@ -138,7 +138,6 @@ class Projector:
         self.on_change = on_change
         self.on_reset = on_reset
         self._last_control: dict[str, float] = {}
-        self._last_clock_sync = 0.0
         self._counted_through = 0
 
     # ------------------------------------------------------------ views

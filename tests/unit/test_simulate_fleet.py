@@ -307,12 +307,11 @@ def test_main_reports_bad_input_in_one_line_and_exits_2(capsys: pytest.CaptureFi
     assert len(err) == 2 and all(line.startswith("agent simulate: ") for line in err)
 
 
-def test_the_subcommand_is_added_to_a_parent_parser() -> None:
-    parser = argparse.ArgumentParser(prog="agent")
-    sub = parser.add_subparsers(dest="command")
-    simulate.add_simulate_command(sub)
-    args = parser.parse_args(["simulate", "--count", "5"])
-    assert args.run is simulate.run_command and args.count == "5"
+def test_agent_simulate_is_the_agent_commands_subcommand(capsys: pytest.CaptureFixture[str]) -> None:
+    from agent import cli
+
+    assert cli.main(["simulate", "--count", "-3"]) == 2
+    assert capsys.readouterr().err.startswith("agent simulate: invalid --count")
 
 
 async def test_with_a_ramp_each_worker_beats_within_an_interval_of_registering() -> None:
