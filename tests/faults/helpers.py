@@ -252,7 +252,15 @@ class Verdict:
         return not self.lost and not self.doubled
 
 
-def exactly_once(records: dict[str, dict[str, Any]], fleet: RawFleet) -> Verdict:
+async def late_notices(js: JetStreamContext) -> dict[str, int]:
+    """How many `worker.late.<id>` notices the stream holds per worker."""
+    info = await js.stream_info("WORKER_EVENTS", subjects_filter="worker.late.*")
+    return {s.rpartition(".")[2]: n for s, n in (info.state.subjects or {}).items()}
+
+
+def exactly_once(
+    records: dict[str, dict[str, Any]], fleet: RawFleet, lates: dict[str, int] | None = None
+) -> Verdict:
     """Every acknowledged event's effect is in the bucket, none twice.
 
     The last stored heartbeat's counter must be the record's, its sequence the
@@ -261,6 +269,7 @@ def exactly_once(records: dict[str, dict[str, Any]], fleet: RawFleet) -> Verdict
     one applied twice (or an expiry applied to a worker that beat all along).
     """
     verdict = Verdict()
+    lates = lates or {}
     for wid, led in fleet.ledgers.items():
         rec = records.get(wid)
         if rec is None:
@@ -269,6 +278,10 @@ def exactly_once(records: dict[str, dict[str, Any]], fleet: RawFleet) -> Verdict
         got = (rec["metrics"]["completed_tasks"], rec["event_seq"], rec["version"])
         want = (led.completed, led.last_seq, led.events)
         what = f"(completed, event_seq, version) = {got}, acknowledged {want}"
+        # a worker whose stored beats stalled (a publish retried across a restart)
+        # may have been noticed late: that notice is folded too, once
+        if want[2] < got[2] <= want[2] + lates.get(wid, 0):
+            got = (got[0], got[1], want[2])
         if got[2] > want[2] or rec["offline_reason"] is not None:
             verdict.doubled[wid] = what + f", offline_reason={rec['offline_reason']}"
         elif got != want:

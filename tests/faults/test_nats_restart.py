@@ -27,7 +27,14 @@ from registry.protocol import Availability
 from registry.provision import provision
 from registry.router import Router
 from tests.conftest import eventually
-from tests.faults.helpers import RawFleet, StoredMsg, exactly_once, stream_last_seq, stream_messages
+from tests.faults.helpers import (
+    RawFleet,
+    StoredMsg,
+    exactly_once,
+    late_notices,
+    stream_last_seq,
+    stream_messages,
+)
 from tests.integration.registry_helpers import (
     bounded,
     bucket_records,
@@ -152,7 +159,7 @@ async def test_nats_restart_under_load_loses_no_acked_event_and_expires_nobody(
     missing = [(w, s) for w, led in fleet.ledgers.items() for s in led.seqs
                if s not in stored or stored[s].worker_id != w]  # fmt: skip
     assert not missing, f"{len(missing)} acknowledged events are not in the stream: {missing[:5]}"
-    verdict = exactly_once(records, fleet)
+    verdict = exactly_once(records, fleet, await late_notices(js))
     assert verdict.ok, f"lost {list(verdict.lost.items())[:3]}, doubled {list(verdict.doubled.items())[:3]}"
     assert all(records[a.worker_id]["offline_reason"] is None for a in agents)
     assert max(resumed) < RESUME_WITHIN_S, f"folding resumed {resumed} s after the restarts"
