@@ -26,8 +26,8 @@ import structlog
 from nats.aio.client import Client
 from nats.js import api
 
+from registry.cancel import raise_if_cancelled
 from registry.pipeline import Pipeline
-from registry.projector import raise_if_cancelled
 from registry.protocol import (
     ExpiredEvent,
     LateEvent,
