@@ -370,8 +370,10 @@ async def replay(
 ) -> dict[str, dict[str, Any]]:
     """Delete the bucket and the projector's consumer, rebuild with a fresh
     in-process registry, and return the rebuilt bucket as soon as every record
-    has reached the `event_seq` of `expected` (read before the new registry's
-    sweeper, which grants a timeout of grace, could judge anyone).
+    has reached the `event_seq` of `expected`. The rebuilding registry judges
+    nobody: its timeout is a minute and late notices are off (a late notice
+    is due one 1.5-interval grace after it catches up, which a slow machine
+    can pass before the bucket has been read back).
     """
     with contextlib.suppress(Exception):
         await js.delete_consumer(EVENTS, CONSUMER)
@@ -382,7 +384,7 @@ async def replay(
         records = await bucket_records(js)
         return records if {w: r["event_seq"] for w, r in records.items()} == want else None
 
-    async with running_registry(url, **{"timeout_floor_s": 60.0, **settings}) as registry:
+    async with running_registry(url, **{"timeout_floor_s": 60.0, "late_factor": 0.0, **settings}) as registry:
         await eventually(
             lambda: {w: r.event_seq for w, r in registry.records().items()} == want,
             timeout=timeout_s, interval=0.02,
