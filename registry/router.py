@@ -9,9 +9,9 @@ Embed it in a dispatcher:
         send_job_to(worker.worker_id)         # your dispatch; the router holds a slot
     await router.close()
 
-The index keeps one bucket per (capability, content type) and, inside it, the
-available workers grouped by load level in sorted order, so pick() costs a few
-dictionary look-ups whatever the size of the fleet. A pick holds one of the
+The index groups workers by profile (capability and content types; a fleet
+has a handful) and, inside each, the available ones by load level in sorted
+order, so pick() costs a few dictionary look-ups whatever the size of the fleet. A pick holds one of the
 worker's free slots in this router until the worker's next availability update
 (or `hold_s`, or `release()`), so one router does not pile jobs onto the same
 worker between two heartbeats; ties are broken at random, so several routers
@@ -28,7 +28,6 @@ import contextlib
 import heapq
 import random
 import time
-from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable
 from typing import Any, Final
 
@@ -82,7 +81,7 @@ class _Level:
 
 
 class LoadBucket:
-    """Workers that can take one kind of job, by load level (levels kept sorted)."""
+    """Workers of one profile that can take a job now, by load level (levels kept sorted)."""
 
     __slots__ = ("keys", "levels")
 
@@ -104,27 +103,43 @@ class LoadBucket:
             del self.levels[key]
             del self.keys[bisect.bisect_left(self.keys, key)]
 
-    def best(self) -> LoadKey | None:
-        return self.keys[0] if self.keys else None
-
     def ordered(self) -> Iterable[tuple[LoadKey, str]]:
         for key in self.keys:
             for wid in sorted(self.levels[key].ids):
                 yield key, wid
 
 
-class _Worker:
-    __slots__ = ("avail", "buckets", "holds", "key")
+class _Profile:
+    """What a job asks of a worker: its capability and content types. Workers
+    that share a profile share one LoadBucket and one content-type list, so a
+    worker costs one entry in the index however many types it takes."""
 
-    def __init__(self, avail: Availability) -> None:
+    __slots__ = ("bucket", "capability", "content_types", "types")
+
+    def __init__(self, capability: str, content_types: list[str]) -> None:
+        self.capability = capability
+        self.content_types = content_types  # shared by every Availability of the profile
+        self.types = frozenset(content_types)
+        self.bucket = LoadBucket()
+
+    def serves(self, capabilities: tuple[str, ...], content_type: str | None) -> bool:
+        if self.capability not in capabilities:
+            return False
+        return content_type is None or not self.types or content_type in self.types
+
+
+class _Worker:
+    __slots__ = ("avail", "holds", "key", "profile")
+
+    def __init__(self, avail: Availability, profile: _Profile) -> None:
         self.avail = avail
-        self.holds: deque[float] = deque()
-        self.buckets: list[LoadBucket] = []
+        self.profile = profile
+        self.holds: list[float] | None = None  # hold expiry times, oldest first; None: none
         self.key: LoadKey | None = None
 
     def free(self) -> int:
         a = self.avail
-        return a.max_concurrent_tasks - a.active_tasks - len(self.holds)
+        return a.max_concurrent_tasks - a.active_tasks - (len(self.holds) if self.holds else 0)
 
     def load(self) -> LoadKey | None:
         """Where the worker sits now, or None when it cannot take a job."""
@@ -136,15 +151,23 @@ class _Worker:
 
 
 class AvailabilityIndex:
-    """The in-memory picture a router decides on. Pure: no NATS, clock passed in."""
+    """The in-memory picture a router decides on. Pure: no NATS, clock passed in.
+
+    Workers are grouped by profile (capability, content types); a fleet has a
+    handful of profiles, however many workers. pick() looks at the best load
+    level of each profile that can take the job (the list of those profiles
+    is cached per request), so its cost does not depend on the fleet's size.
+    Availability values taken in are shared, not copied: treat them (and
+    their content-type lists) as read-only.
+    """
 
     def __init__(self, rng: random.Random | None = None, hold_s: float = 10.0) -> None:
         self.rng = rng or random.Random()
         self.hold_s = hold_s
         self.workers: dict[str, _Worker] = {}
-        self._by_type: dict[tuple[str, str], LoadBucket] = {}
-        self._any_type: dict[str, LoadBucket] = {}
-        self._all: dict[str, LoadBucket] = {}
+        self._profiles: dict[tuple[str, tuple[str, ...]], _Profile] = {}
+        self._serving: dict[tuple[str | None, str | None], list[LoadBucket]] = {}
+        self._strings: dict[str, str] = {}
         self._expiry: list[tuple[float, str]] = []
 
     def __len__(self) -> int:
@@ -155,12 +178,16 @@ class AvailabilityIndex:
         w = self.workers.get(avail.worker_id)
         if w is not None and avail.event_seq < w.avail.event_seq:
             return False
+        profile = self._profile_of(avail)
+        avail = msgspec.structs.replace(
+            avail, supported_content_types=profile.content_types, reason=self._shared(avail.reason)
+        )  # fmt: skip
         if w is None:
-            w = self.workers[avail.worker_id] = _Worker(avail)
+            w = self.workers[avail.worker_id] = _Worker(avail, profile)
         self._unplace(w)
         w.avail = avail
-        w.holds.clear()
-        w.buckets = self._buckets_of(avail)
+        w.profile = profile
+        w.holds = None
         self._place(w)
         return True
 
@@ -168,13 +195,14 @@ class AvailabilityIndex:
         self, capability: str | None = None, content_type: str | None = None, now: float = 0.0
     ) -> Availability | None:
         """The least loaded worker that can take the job (random among equals); holds a slot."""
-        self.expire(now)
-        buckets = self._candidates(capability, content_type)
-        wid = self._choose(buckets)
+        if self._expiry and self._expiry[0][0] <= now:
+            self.expire(now)
+        wid = self._choose(self._candidates(capability, content_type))
         if wid is None:
             return None
-        self._hold(self.workers[wid], now)
-        return self.workers[wid].avail
+        w = self.workers[wid]
+        self._hold(w, now)
+        return w.avail
 
     def available(
         self, capability: str | None = None, content_type: str | None = None, now: float = 0.0
@@ -196,7 +224,7 @@ class AvailabilityIndex:
 
     def held(self, worker_id: str) -> int:
         w = self.workers.get(worker_id)
-        return len(w.holds) if w else 0
+        return len(w.holds) if w and w.holds else 0
 
     def expire(self, now: float) -> None:
         """Drop holds older than hold_s (the worker never reported them)."""
@@ -205,7 +233,7 @@ class AvailabilityIndex:
             w = self.workers.get(wid)
             if w is not None and w.holds and w.holds[0] <= now:
                 self._unplace(w)
-                w.holds.popleft()
+                del w.holds[0]
                 self._place(w)
 
     # ------------------------------------------------------------ internals
@@ -213,47 +241,67 @@ class AvailabilityIndex:
     def _hold(self, w: _Worker, now: float) -> None:
         self._unplace(w)
         until = now + self.hold_s
-        w.holds.append(until)
+        if w.holds is None:
+            w.holds = [until]
+        else:
+            w.holds.append(until)
         heapq.heappush(self._expiry, (until, w.avail.worker_id))
         self._place(w)
 
     def _place(self, w: _Worker) -> None:
         w.key = w.load()
         if w.key is not None:
-            for b in w.buckets:
-                b.add(w.avail.worker_id, w.key)
+            w.profile.bucket.add(w.avail.worker_id, w.key)
 
     def _unplace(self, w: _Worker) -> None:
         if w.key is not None:
-            for b in w.buckets:
-                b.remove(w.avail.worker_id, w.key)
+            w.profile.bucket.remove(w.avail.worker_id, w.key)
         w.key = None
 
-    def _buckets_of(self, a: Availability) -> list[LoadBucket]:
-        cap = str(a.capability)
-        out = [self._all.setdefault(cap, LoadBucket())]
-        if not a.supported_content_types:
-            out.append(self._any_type.setdefault(cap, LoadBucket()))
-        for ct in dict.fromkeys(a.supported_content_types):
-            out.append(self._by_type.setdefault((cap, ct), LoadBucket()))
-        return out
+    def _shared(self, s: str) -> str:
+        """One copy of each distinct short string (reasons repeat across the fleet)."""
+        if len(self._strings) > 10_000:
+            self._strings.clear()
+        return self._strings.setdefault(s, s)
+
+    def _profile_of(self, a: Availability) -> _Profile:
+        key = (str(a.capability), tuple(a.supported_content_types))
+        profile = self._profiles.get(key)
+        if profile is None:
+            types = [self._shared(t) for t in a.supported_content_types]
+            profile = self._profiles[key] = _Profile(key[0], types)
+            self._serving.clear()  # a new profile may serve cached requests
+        return profile
 
     def _candidates(self, capability: str | None, content_type: str | None) -> list[LoadBucket]:
-        caps = _SERVED_BY[str(WorkerCapability(capability))] if capability else _ALL_CAPABILITIES
-        found: list[LoadBucket | None] = []
-        for cap in caps:
-            if content_type is None:
-                found.append(self._all.get(cap))
-            else:
-                found += [self._by_type.get((cap, content_type)), self._any_type.get(cap)]
-        return [b for b in found if b is not None and b.keys]
+        buckets = self._serving.get((capability, content_type))
+        if buckets is None:
+            caps = _ALL_CAPABILITIES if capability is None else _SERVED_BY.get(capability)
+            if caps is None:
+                raise ValueError(f"unknown capability {capability!r}: use cpu, gpu or hybrid")
+            buckets = [p.bucket for p in self._profiles.values() if p.serves(caps, content_type)]
+            if len(self._serving) > 10_000:  # content types are the callers' strings
+                self._serving.clear()
+            self._serving[(capability, content_type)] = buckets
+        return buckets
 
     def _choose(self, buckets: list[LoadBucket]) -> str | None:
         """Uniformly at random among the least loaded workers of these (disjoint) buckets."""
-        best = min((b.keys[0] for b in buckets), default=None)
+        best: LoadKey | None = None
+        levels: list[_Level] = []
+        for b in buckets:
+            if not b.keys:
+                continue
+            key = b.keys[0]
+            if best is None or key < best:
+                best, levels = key, [b.levels[key]]
+            elif key == best:
+                levels.append(b.levels[key])
         if best is None:
             return None
-        levels = [b.levels[best] for b in buckets if b.keys[0] == best]
+        if len(levels) == 1:
+            ids = levels[0].ids
+            return ids[self.rng.randrange(len(ids))]
         n = self.rng.randrange(sum(len(level.ids) for level in levels))
         for level in levels:
             if n < len(level.ids):
