@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from functools import partial
 
+import msgspec
 import structlog
 from nats.aio.client import Client
 from nats.aio.msg import Msg
@@ -26,6 +27,7 @@ from nats.js import api
 from registry import provision
 from registry.cancel import raise_if_cancelled
 from registry.consume import Puller
+from registry.jsmeta import ack_meta
 from registry.fold import (
     Applied,
     Duplicate,
@@ -40,6 +42,7 @@ from registry.protocol import (
     BadEvent,
     Control,
     Event,
+    RegisterEvent,
     WorkerInfo,
     available_subject,
     control_subject,
@@ -48,6 +51,7 @@ from registry.protocol import (
 )
 from registry.provision import DEFAULT_NAMES, Names
 from registry.settings import RegistrySettings
+from registry.share import Parts
 from registry.store import Bucket, Entry, is_conflict
 from registry.sweep import ServerClock
 
@@ -118,6 +122,7 @@ class Projector:
         self.names = names
         self.bucket = Bucket(self.js, names.bucket)
         self.pipeline = Pipeline(nc)
+        self.parts = Parts()  # one copy of what the fleet's registrations repeat
         self.entries: dict[str, Entry] = {}
         self.tombstones: dict[str, int] = {}
         self.counters = Counters()
@@ -165,7 +170,7 @@ class Projector:
     async def _sync(self) -> None:
         self.caught_up.clear()
         await provision.provision(self.nc, self.names, self.settings.replicas)  # a lost store
-        self.entries, self.tombstones = await self.bucket.load_all()
+        self.entries, self.tombstones = await self.bucket.load_all(share=self.parts)
         floor = await provision.consumer_ack_floor(self.nc, self.names)
         start = floor + 1 if floor and self.entries else 1
         await provision.reset_consumer(self.nc, self.names, start)
@@ -211,17 +216,17 @@ class Projector:
         await self._flush()
         await self._send_controls(batch)
         await msgs[-1].ack()
-        last = msgs[-1].metadata
-        self.counters.last_seq = last.sequence.stream
-        self.counters.pending = last.num_pending
-        self.counters.lag_s = max(0.0, self.clock.now(time.monotonic()) - last.timestamp.timestamp())
-        if last.num_pending == 0:
+        last = ack_meta(msgs[-1])
+        self.counters.last_seq = last.seq
+        self.counters.pending = last.pending
+        self.counters.lag_s = max(0.0, self.clock.now(time.monotonic()) - last.stored_ns / 1e9)
+        if last.pending == 0:
             self.caught_up.set()
 
     def _fold_one(self, msg: Msg, batch: _Batch) -> None:
-        meta = msg.metadata
-        seq, stored_at = meta.sequence.stream, meta.timestamp
-        self.clock.observe(stored_at.timestamp(), time.monotonic())
+        meta = ack_meta(msg)
+        seq, stored_at = meta.seq, meta.stored_at
+        self.clock.observe(meta.stored_ns / 1e9, time.monotonic())
         fresh = seq > self._counted_through  # a batch folded again after a resync counts once
         self._counted_through = max(seq, self._counted_through)
         try:
@@ -244,6 +249,10 @@ class Projector:
         self, event: Event, seq: int, stored_at: datetime, batch: _Batch, fresh: bool
     ) -> None:
         wid = event.worker_id
+        if isinstance(event, RegisterEvent):
+            event = msgspec.structs.replace(
+                event, registration=self.parts.registration(event.registration)
+            )
         entry = self.entries.get(wid)
         record = entry.record if entry else None
         match evolve(record, event, seq, stored_at):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from dataclasses import dataclass
 
 import msgspec
@@ -16,8 +17,10 @@ from nats.js.errors import (
     KeyWrongLastSequenceError,
 )
 
+from registry.jsmeta import ack_meta
 from registry.pipeline import PublishFailed
 from registry.protocol import BUCKET, WORKER_INFO_DECODER, WorkerInfo
+from registry.share import Parts
 
 log = structlog.get_logger("registry.store")
 
@@ -39,39 +42,66 @@ class Bucket:
         self.stream = f"KV_{bucket}"
         self.prefix = f"$KV.{bucket}."
 
-    async def load_all(self, timeout_s: float = 30.0) -> tuple[dict[str, Entry], dict[str, int]]:
-        """Every current value with its revision, and the revisions of deleted keys."""
+    async def load_all(
+        self, idle_timeout_s: float = 10.0, share: Parts | None = None
+    ) -> tuple[dict[str, Entry], dict[str, int]]:
+        """Every current value with its revision, and the revisions of deleted keys.
+
+        It gives up when nothing arrives for `idle_timeout_s` (not after a fixed
+        total, which a large enough bucket would exceed). With `share`, records
+        point at one copy of the parts the fleet repeats."""
         entries: dict[str, Entry] = {}
         tombstones: dict[str, int] = {}
         info = await self.js.stream_info(self.stream)
         if not info.state.messages:
             return entries, tombstones
+        done = asyncio.Event()
+        taken = 0
+
+        async def take(msg: Msg) -> None:
+            nonlocal taken
+            meta = ack_meta(msg)
+            self._take(entries, tombstones, msg, meta.seq, share)
+            taken += 1
+            if meta.pending == 0:
+                done.set()
+
         sub = await self.js.subscribe(
-            f"{self.prefix}>", stream=self.stream, ordered_consumer=True,
+            f"{self.prefix}>", stream=self.stream, ordered_consumer=True, cb=take,
             deliver_policy=api.DeliverPolicy.LAST_PER_SUBJECT,
             pending_msgs_limit=-1, pending_bytes_limit=-1,
         )  # fmt: skip
         try:
-            async with asyncio.timeout(timeout_s):
-                while True:
-                    msg = await sub.next_msg(timeout=timeout_s)
-                    self._take(entries, tombstones, msg)
-                    if msg.metadata.num_pending == 0:
-                        return entries, tombstones
+            seen = -1
+            while not done.is_set():  # bounded by progress, not by the bucket's size
+                if taken == seen:
+                    raise TimeoutError(
+                        f"loading bucket {self.bucket}: nothing for {idle_timeout_s} s "
+                        f"after {taken} of about {info.state.messages} entries"
+                    )
+                seen = taken
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(idle_timeout_s):
+                        await done.wait()
+            return entries, tombstones
         finally:
             await sub.unsubscribe()
 
-    def _take(self, entries: dict[str, Entry], tombstones: dict[str, int], msg: Msg) -> None:
+    def _take(
+        self, entries: dict[str, Entry], tombstones: dict[str, int], msg: Msg, revision: int,
+        share: Parts | None,
+    ) -> None:
         key = msg.subject[len(self.prefix) :]
-        revision = msg.metadata.sequence.stream
         if (msg.headers or {}).get("KV-Operation") in ("DEL", "PURGE"):
             tombstones[key] = revision
             return
         try:
-            entries[key] = Entry(WORKER_INFO_DECODER.decode(msg.data), revision)
+            record = WORKER_INFO_DECODER.decode(msg.data)
         except msgspec.DecodeError as e:
             tombstones[key] = revision  # overwritten by the next event of this worker
             log.warning("record_undecodable", worker_id=key, error=str(e))
+            return
+        entries[key] = Entry(share.record(record) if share else record, revision)
 
     async def get(self, key: str) -> Entry | None:
         kv = await self.js.key_value(self.bucket)
