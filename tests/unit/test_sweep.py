@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import gc
+
+from registry.store import Entry
 from registry.sweep import DeadlineHeap, ServerClock, brake_engaged, deadline, timeout_s
+from tests.factories import make_info
 
 
 def test_timeout_is_three_intervals_with_a_floor() -> None:
@@ -74,3 +78,15 @@ def test_clock_converts_server_deadlines_to_monotonic_time() -> None:
     clock = ServerClock()
     clock.observe(1000.0, mono_now=50.0)
     assert clock.mono_at(1005.0, mono_now=51.0) == 55.0
+
+
+def test_deadlines_and_entries_add_nothing_to_a_full_collection() -> None:
+    """Per-worker state the registry keeps is invisible to the cyclic GC, so a
+    full collection's pause does not grow with the fleet."""
+    heap = DeadlineHeap()
+    for i in range(100):
+        heap.set(f"w{i}", float(i), float(i) + 3.0)
+    entry = Entry(make_info("w1"), 7)
+    gc.collect()
+    assert not any(gc.is_tracked(item) for item in heap._heap)
+    assert not gc.is_tracked(entry) and not gc.is_tracked(entry.record)
