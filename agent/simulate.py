@@ -339,7 +339,7 @@ class SimWorker:
             worker_id=self.worker_id,
             name=self.worker_id,
             capability=self.capability,
-            hardware=self.hardware,
+            hardware=self._probed_hardware(),
             location=WorkerLocation(
                 hostname=f"{self.worker_id}.sim.internal",
                 ip_address=f"10.{(i >> 16) & 255}.{(i >> 8) & 255}.{i & 255}",
@@ -348,6 +348,22 @@ class SimWorker:
             supported_content_types=list(DEFAULT_CONTENT_TYPES[self.capability]),
             tags={"simulated": "true"},
         )
+
+    def _probed_hardware(self) -> HardwareInfo:
+        """The machine kind's hardware as a probe reads it on this worker: each GPU
+        with its own memory in use and utilization at that moment (the driver's
+        idle share), as the real agent's registration carries them."""
+        if not self.hardware.gpus:
+            return self.hardware
+        rng = random.Random(self.idx)
+        gpus = [
+            msgspec.structs.replace(
+                g, memory_used_gb=round(rng.uniform(0.25, 0.6), 2),
+                utilization_percent=float(rng.choice((0, 0, 0, 1, 2, 5))),
+            )
+            for g in self.hardware.gpus
+        ]  # fmt: skip
+        return msgspec.structs.replace(self.hardware, gpus=gpus)
 
     def register_body(self, interval_s: float) -> bytes:
         return encode(

@@ -19,7 +19,7 @@ from typing import Any, Final, TypeVar
 
 import msgspec
 
-from registry.protocol import WorkerInfo, WorkerRegistration
+from registry.protocol import GpuInfo, HardwareInfo, WorkerInfo, WorkerRegistration
 
 T = TypeVar("T")
 
@@ -33,19 +33,49 @@ class Parts:
 
     def __init__(self, max_distinct: int = MAX_DISTINCT) -> None:
         self.max_distinct = max_distinct
-        self._hardware: dict[bytes, Any] = {}
+        self._hardware: dict[bytes, HardwareInfo] = {}
+        self._gpus: dict[bytes, GpuInfo] = {}
+        self._strings: dict[str, str] = {}
+        self._models: dict[tuple[str, ...], list[str]] = {}
         self._types: dict[tuple[str, ...], list[str]] = {}
         self._tags: dict[tuple[tuple[str, str], ...], dict[str, str]] = {}
 
     def registration(self, reg: WorkerRegistration) -> WorkerRegistration:
         """`reg` with its repeated parts replaced by the shared copies (equal values)."""
-        hardware = self._one(self._hardware, _encode(reg.hardware), reg.hardware)
+        hardware = self.hardware(reg.hardware)
         types = self._one(self._types, tuple(reg.supported_content_types), reg.supported_content_types)
         tags = self._one(self._tags, tuple(reg.tags.items()), reg.tags)
         name = reg.worker_id if reg.name == reg.worker_id else reg.name
         return msgspec.structs.replace(
             reg, hardware=hardware, supported_content_types=types, tags=tags, name=name
         )
+
+    def hardware(self, hw: HardwareInfo) -> HardwareInfo:
+        """Equal hardware is one object. Hardware that differs (a GPU's memory in
+        use and utilization are probed at registration, so two machines of one
+        kind rarely register equal) still shares its GPUs where they are equal,
+        and the model names and model list where they are not."""
+        key = _encode(hw)
+        shared = self._hardware.get(key)
+        if shared is not None:
+            return shared
+        if hw.gpus:
+            models = [self._text(m) for m in hw.gpu_models]
+            hw = msgspec.structs.replace(
+                hw, gpu_models=self._one(self._models, tuple(models), models),
+                gpus=[self._gpu(g) for g in hw.gpus],
+            )  # fmt: skip
+        return self._one(self._hardware, key, hw)
+
+    def _gpu(self, gpu: GpuInfo) -> GpuInfo:
+        key = _encode(gpu)
+        shared = self._gpus.get(key)
+        if shared is not None:
+            return shared
+        return self._one(self._gpus, key, msgspec.structs.replace(gpu, model=self._text(gpu.model)))
+
+    def _text(self, s: str) -> str:
+        return self._one(self._strings, s, s)
 
     def record(self, record: WorkerInfo) -> WorkerInfo:
         return msgspec.structs.replace(record, registration=self.registration(record.registration))

@@ -46,6 +46,29 @@ def test_different_parts_stay_apart() -> None:
     assert c.hardware == gpu and c.hardware is not a.hardware
 
 
+def _gpu_box(worker_id: str, used: list[float]) -> WorkerRegistration:
+    gpus = [GpuInfo(index=i, model="NVIDIA H100 80GB HBM3", memory_gb=79.65, memory_used_gb=u)
+            for i, u in enumerate(used)]  # fmt: skip
+    hw = HardwareInfo(cpu_cores=64, memory_gb=491.52, gpu_count=len(gpus), gpu_memory_gb=79.65 * len(gpus),
+                      gpu_models=[g.model for g in gpus], gpus=gpus)  # fmt: skip
+    reg = msgspec.structs.replace(_decoded(worker_id), hardware=hw)
+    return msgspec.json.decode(encode(reg), type=WorkerRegistration)
+
+
+def test_hardware_probed_differently_still_shares_gpus_and_model_names() -> None:
+    """Two machines of one kind register with their GPUs' memory in use as
+    probed: not equal, yet the model list, the names and equal GPUs are one copy."""
+    parts = Parts()
+    a, b = _gpu_box("a", [0.31, 0.42]), _gpu_box("b", [0.31, 0.57])
+    sa, sb = parts.registration(a), parts.registration(b)
+    assert (sa, sb) == (a, b)
+    assert sa.hardware is not sb.hardware
+    assert sa.hardware.gpu_models is sb.hardware.gpu_models
+    assert sa.hardware.gpus[0] is sb.hardware.gpus[0]  # equal: 0.31 used on both
+    assert sa.hardware.gpus[1] is not sb.hardware.gpus[1]
+    assert sa.hardware.gpus[1].model is sb.hardware.gpus[1].model
+
+
 def test_a_full_cache_starts_again_and_still_returns_equal_values() -> None:
     parts = Parts(max_distinct=2)
     regs = [_decoded(f"w{i}", tags={"n": str(i)}) for i in range(5)]
