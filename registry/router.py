@@ -114,10 +114,12 @@ class _Profile:
     that share a profile share one LoadBucket and one content-type list, so a
     worker costs one entry in the index however many types it takes."""
 
-    __slots__ = ("bucket", "capability", "content_types", "types")
+    __slots__ = ("bucket", "capability", "content_types", "key", "types", "workers")
 
-    def __init__(self, capability: str, content_types: list[str]) -> None:
-        self.capability = capability
+    def __init__(self, key: tuple[str, tuple[str, ...]], content_types: list[str]) -> None:
+        self.key = key
+        self.capability = key[0]
+        self.workers = 0  # in the index with this profile; at 0 the profile is dropped
         self.content_types = content_types  # shared by every Availability of the profile
         self.types = frozenset(content_types)
         self.bucket = LoadBucket()
@@ -184,12 +186,20 @@ class AvailabilityIndex:
         )  # fmt: skip
         if w is None:
             w = self.workers[avail.worker_id] = _Worker(avail, profile)
+            profile.workers += 1
         self._unplace(w)
+        if w.profile is not profile:
+            self._leave(w.profile)
+            profile.workers += 1
         w.avail = avail
         w.profile = profile
         w.holds = None
         self._place(w)
         return True
+
+    def get(self, worker_id: str) -> Availability | None:
+        w = self.workers.get(worker_id)
+        return w.avail if w else None
 
     def pick(
         self, capability: str | None = None, content_type: str | None = None, now: float = 0.0
@@ -269,14 +279,21 @@ class AvailabilityIndex:
         profile = self._profiles.get(key)
         if profile is None:
             types = [self._shared(t) for t in a.supported_content_types]
-            profile = self._profiles[key] = _Profile(key[0], types)
+            profile = self._profiles[key] = _Profile(key, types)
             self._serving.clear()  # a new profile may serve cached requests
         return profile
+
+    def _leave(self, profile: _Profile) -> None:
+        """A worker left `profile`; the last one out removes it from every request."""
+        profile.workers -= 1
+        if profile.workers == 0 and self._profiles.get(profile.key) is profile:
+            del self._profiles[profile.key]
+            self._serving.clear()
 
     def _candidates(self, capability: str | None, content_type: str | None) -> list[LoadBucket]:
         buckets = self._serving.get((capability, content_type))
         if buckets is None:
-            caps = _ALL_CAPABILITIES if capability is None else _SERVED_BY.get(capability)
+            caps = _SERVED_BY.get(capability) if capability else _ALL_CAPABILITIES
             if caps is None:
                 raise ValueError(f"unknown capability {capability!r}: use cpu, gpu or hybrid")
             buckets = [p.bucket for p in self._profiles.values() if p.serves(caps, content_type)]
@@ -410,8 +427,7 @@ class Router:
         return self.index.release(worker_id)
 
     def get(self, worker_id: str) -> Availability | None:
-        w = self.index.workers.get(worker_id)
-        return w.avail if w else None
+        return self.index.get(worker_id)
 
     def snapshot(self) -> dict[str, Availability]:
         """Every worker's last known availability (available or not)."""
@@ -464,5 +480,6 @@ class Router:
             log.warning("availability_id_mismatch", subject=subject, worker_id=avail.worker_id)
             return
         if self.index.update(avail):
+            taken = self.index.get(avail.worker_id)  # the index's own (shared) value
             for queue in self._watchers:
-                queue.put_nowait(avail)
+                queue.put_nowait(taken)

@@ -60,18 +60,25 @@ class Bucket:
             return entries, tombstones
         done = asyncio.Event()
         taken = 0
+        failed: list[Exception] = []
 
         async def take(msg: Msg) -> None:
+            # an exception here would go to nats-py's error callback, not to us
             nonlocal taken
-            meta = ack_meta(msg)
-            self._take(entries, tombstones, msg, meta.seq, share)
+            try:
+                meta = ack_meta(msg)
+                self._take(entries, tombstones, msg, meta.seq, share)
+            except Exception as e:  # noqa: BLE001 - re-raised by load_all below
+                failed.append(e)
+                done.set()
+                return
             taken += 1
             if meta.pending == 0:
-                done.set()
+                done.set()  # values stored after this one may still be taken: newer, harmless
 
         sub = await self.js.subscribe(
             f"{self.prefix}>", stream=self.stream, ordered_consumer=True, cb=take,
-            deliver_policy=api.DeliverPolicy.LAST_PER_SUBJECT,
+            deliver_policy=api.DeliverPolicy.LAST_PER_SUBJECT, idle_heartbeat=1.0,
             pending_msgs_limit=-1, pending_bytes_limit=-1,
         )  # fmt: skip
         try:
@@ -86,6 +93,8 @@ class Bucket:
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(idle_timeout_s):
                         await done.wait()
+            if failed:
+                raise failed[0]
             return entries, tombstones
         finally:
             await sub.unsubscribe()

@@ -216,3 +216,65 @@ def test_pick_is_the_least_loaded_fitting_worker(
         assert got is not None
         assert loads[got.worker_id] == min(loads.values())
         holds[got.worker_id] += 1
+
+
+_step = st.one_of(
+    st.tuples(st.just("update"), st.integers(0, 5), st.sampled_from(CAPS),
+              st.lists(st.sampled_from(["audio", "video", "text"]), max_size=2),
+              st.integers(0, 3), st.integers(1, 3), st.booleans()),
+    st.tuples(st.just("pick"), st.sampled_from([None, "cpu", "gpu", "hybrid"]),
+              st.sampled_from([None, "audio", "video"])),
+    st.tuples(st.just("release"), st.integers(0, 5)),
+    st.tuples(st.just("wait"), st.sampled_from([0.5, 2.0, 5.0])),
+)  # fmt: skip
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(_step, max_size=60))
+def test_updates_picks_releases_and_expiry_follow_a_simple_model(steps: list[tuple]) -> None:  # type: ignore[type-arg]
+    """Any interleaving of updates (profiles change), picks, releases and time
+    passing, against a model that keeps each worker's holds in a list: every
+    pick is a least loaded fitting worker, holds end at an update, a release
+    or after hold_s."""
+    hold_s = 3.0
+    index = AvailabilityIndex(random.Random(0), hold_s)
+    model: dict[str, tuple[Availability, list[float]]] = {}
+    now, seq = 0.0, 0
+    for step in steps:
+        match step:
+            case ("update", n, cap, types, active, most, up):
+                seq += 1
+                a = make_avail(f"w{n}", capability=str(cap), content_types=types, max_tasks=most,
+                               active=min(active, most), status="online" if up else "maintenance",
+                               event_seq=seq)  # fmt: skip
+                assert index.update(a)
+                model[a.worker_id] = (a, [])
+            case ("pick", capability, content_type):
+                for _, holds in model.values():
+                    holds[:] = [t for t in holds if t > now]
+                free = {w: a.max_concurrent_tasks - a.active_tasks - len(h)
+                        for w, (a, h) in model.items()}  # fmt: skip
+                loads = {
+                    w: ((a.max_concurrent_tasks - free[w]) / a.max_concurrent_tasks, -free[w])
+                    for w, (a, _) in model.items()
+                    if a.available and free[w] > 0 and _fits(a, capability, content_type)
+                }
+                got = index.pick(capability, content_type, now=now)
+                if not loads:
+                    assert got is None
+                else:
+                    assert got is not None and loads[got.worker_id] == min(loads.values())
+                    model[got.worker_id][1].append(now + hold_s)
+            case ("release", n):
+                holds = model[f"w{n}"][1] if f"w{n}" in model else []
+                assert index.release(f"w{n}") == bool(holds)
+                if holds:
+                    holds.pop()
+            case ("wait", dt):
+                now += dt
+    for wid, (a, holds) in model.items():
+        assert index.get(wid) == a
+        assert index.held(wid) == len(holds)
+    # every profile in the index has a worker in it
+    assert all(p.workers > 0 for p in index._profiles.values())
+    assert sum(p.workers for p in index._profiles.values()) == len(model)
