@@ -22,9 +22,9 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, ParamSpec, Self, TypeVar
 
-from nats.js import JetStreamContext
+from nats.js import JetStreamContext, api
 from nats.js.api import PubAck
-from nats.js.errors import NoKeysError, NotFoundError
+from nats.js.errors import NotFoundError
 
 from registry import app
 from registry.settings import RegistrySettings
@@ -182,18 +182,36 @@ async def publish(
 
 
 async def bucket_records(js: JetStreamContext) -> dict[str, dict[str, Any]]:
-    """Every current value of bucket `workers`, decoded."""
-    kv = await js.key_value(BUCKET)
-    try:
-        keys = await kv.keys()
-    except NoKeysError:
+    """Every current value of bucket `workers`, decoded.
+
+    Read with an ordered consumer (last value per key) until a message says
+    nothing is pending, not with nats-py's `kv.keys()`: that one signals "no
+    more keys" from consumer info, and when the server has pushed every key
+    before the info reply arrives (a busy machine), it returns none at all.
+    """
+    info = await js.stream_info(f"KV_{BUCKET}")
+    if not info.state.messages:
         return {}
+    prefix = f"$KV.{BUCKET}."
+    sub = await js.subscribe(
+        f"{prefix}>", stream=f"KV_{BUCKET}", ordered_consumer=True,
+        deliver_policy=api.DeliverPolicy.LAST_PER_SUBJECT,
+        pending_msgs_limit=-1, pending_bytes_limit=-1,
+    )  # fmt: skip
     out: dict[str, dict[str, Any]] = {}
-    for key in keys:
-        entry = await kv.get(key)
-        assert entry.value is not None
-        out[key] = json.loads(entry.value)
-    return out
+    try:
+        async with asyncio.timeout(30.0):
+            while True:
+                msg = await sub.next_msg(timeout=30.0)
+                key = msg.subject[len(prefix) :]
+                if (msg.headers or {}).get("KV-Operation") in ("DEL", "PURGE"):
+                    out.pop(key, None)
+                else:
+                    out[key] = json.loads(msg.data)
+                if msg.metadata.num_pending == 0:
+                    return out
+    finally:
+        await sub.unsubscribe()
 
 
 async def record(js: JetStreamContext, worker_id: str) -> dict[str, Any] | None:
