@@ -27,7 +27,6 @@ from nats.js import api
 from registry import provision
 from registry.cancel import raise_if_cancelled
 from registry.consume import Puller
-from registry.jsmeta import ack_meta
 from registry.fold import (
     Applied,
     Duplicate,
@@ -37,6 +36,7 @@ from registry.fold import (
     evolve,
     routing_key,
 )
+from registry.jsmeta import ack_meta
 from registry.pipeline import Pipeline, PublishFailed
 from registry.protocol import (
     BadEvent,
