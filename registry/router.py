@@ -11,11 +11,12 @@ Embed it in a dispatcher:
 
 The index groups workers by profile (capability and content types; a fleet
 has a handful) and, inside each, the available ones by load level in sorted
-order, so pick() costs a few dictionary look-ups whatever the size of the fleet. A pick holds one of the
-worker's free slots in this router until the worker's next availability update
-(or `hold_s`, or `release()`), so one router does not pile jobs onto the same
-worker between two heartbeats; ties are broken at random, so several routers
-spread over equally good workers instead of all choosing the same one.
+order, so pick() costs a few dictionary look-ups whatever the size of the
+fleet. A pick holds one of the worker's free slots in this router until the
+worker's next availability update (or `hold_s`, or `release()`), so one router
+does not pile jobs onto the same worker between two heartbeats; ties are
+broken at random, so several routers spread over equally good workers instead
+of all choosing the same one.
 
 Imports: `registry.protocol` and nats-py only.
 """

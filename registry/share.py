@@ -43,7 +43,8 @@ class Parts:
     def registration(self, reg: WorkerRegistration) -> WorkerRegistration:
         """`reg` with its repeated parts replaced by the shared copies (equal values)."""
         hardware = self.hardware(reg.hardware)
-        types = self._one(self._types, tuple(reg.supported_content_types), reg.supported_content_types)
+        types = reg.supported_content_types
+        types = self._one(self._types, tuple(types), types)
         tags = self._one(self._tags, tuple(reg.tags.items()), reg.tags)
         name = reg.worker_id if reg.name == reg.worker_id else reg.name
         return msgspec.structs.replace(
