@@ -23,6 +23,15 @@ def _ok(value: float | None, limit: float, below: bool = True) -> str:
     return "met" if met else "**missed**"
 
 
+AT_SCALE = 100_000  # the fleet size the issue's pick, memory and cold-start targets name
+
+
+def _at_scale(workers: int, verdict: str) -> str:
+    """A target stated for 100,000 workers is judged only there (a quick run's
+    small fleets carry fixed costs over few workers: not the figure asked for)."""
+    return verdict if workers >= AT_SCALE else f"target is for {AT_SCALE:,} (here: {verdict.strip('*')})"
+
+
 def _table(head: list[str], rows: list[list[Any]]) -> list[str]:
     out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     out += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
@@ -75,7 +84,7 @@ def targets(r: dict[str, Any]) -> list[str]:
                 f"pick() p99, {big['workers']:,} workers",
                 f"{big['pick_us']['p99']} us",
                 "< 50 us",
-                _ok(big["pick_us"]["p99"], 50),
+                _at_scale(big["workers"], _ok(big["pick_us"]["p99"], 50)),
             ]
         )
         rows.append(
@@ -83,7 +92,7 @@ def targets(r: dict[str, Any]) -> list[str]:
                 f"router memory, {big['workers']:,} workers",
                 f"{big['memory_per_worker_bytes']} B/worker",
                 "< 1 kB",
-                _ok(big["memory_per_worker_bytes"], 1024),
+                _at_scale(big["workers"], _ok(big["memory_per_worker_bytes"], 1024)),
             ]
         )
     sc = _get(r, "scale")
@@ -94,7 +103,7 @@ def targets(r: dict[str, Any]) -> list[str]:
                 f"registry memory, {big['workers']:,} workers (RSS after folding them)",
                 f"{big['rss_per_worker_bytes']} B/worker",
                 "< 3 kB",
-                _ok(big["rss_per_worker_bytes"], 3072),
+                _at_scale(big["workers"], _ok(big["rss_per_worker_bytes"], 3072)),
             ]
         )
         cs = sc["cold_start"]
@@ -104,7 +113,7 @@ def targets(r: dict[str, Any]) -> list[str]:
                 f"registry memory, {cs['workers']:,} workers (RSS after a cold start)",
                 f"{per} B/worker",
                 "< 3 kB",
-                _ok(per, 3072),
+                _at_scale(cs["workers"], _ok(per, 3072)),
             ]
         )
         rows.append(
@@ -112,7 +121,7 @@ def targets(r: dict[str, Any]) -> list[str]:
                 f"cold start, {cs['workers']:,} workers",
                 f"{cs['seconds']} s",
                 "< 30 s",
-                _ok(cs["seconds"], 30),
+                _at_scale(cs["workers"], _ok(cs["seconds"], 30)),
             ]
         )
     return _table(["figure", "measured", "target", ""], rows)  # fmt: skip
