@@ -115,18 +115,17 @@ class _Profile:
     that share a profile share one LoadBucket and one content-type list, so a
     worker costs one entry in the index however many types it takes."""
 
-    __slots__ = ("bucket", "capability", "content_types", "key", "types", "workers")
+    __slots__ = ("bucket", "content_types", "key", "types", "workers")
 
     def __init__(self, key: tuple[str, tuple[str, ...]], content_types: list[str]) -> None:
-        self.key = key
-        self.capability = key[0]
+        self.key = key  # (capability, content types as listed)
         self.workers = 0  # in the index with this profile; at 0 the profile is dropped
         self.content_types = content_types  # shared by every Availability of the profile
         self.types = frozenset(content_types)
         self.bucket = LoadBucket()
 
     def serves(self, capabilities: tuple[str, ...], content_type: str | None) -> bool:
-        if self.capability not in capabilities:
+        if self.key[0] not in capabilities:
             return False
         return content_type is None or not self.types or content_type in self.types
 

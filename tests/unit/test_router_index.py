@@ -169,6 +169,20 @@ def _fits(a: Availability, capability: str | None, content_type: str | None) -> 
     return str(a.capability) in caps and (content_type is None or not types or content_type in types)
 
 
+def _loads(
+    workers: dict[str, tuple[Availability, int]], capability: str | None, content_type: str | None
+) -> dict[str, tuple[float, int]]:
+    """DESIGN's rule by brute force: the load of every worker (availability,
+    slots this router holds) that could take the job now."""
+    out = {}
+    for wid, (a, held) in workers.items():
+        most = a.max_concurrent_tasks
+        free = most - a.active_tasks - held
+        if a.available and free > 0 and _fits(a, capability, content_type):
+            out[wid] = ((most - free) / most, -free)
+    return out
+
+
 _updates = st.lists(
     st.tuples(
         st.integers(0, 7),  # worker
@@ -202,13 +216,8 @@ def test_pick_is_the_least_loaded_fitting_worker(
         ))  # fmt: skip
     holds: Counter[str] = Counter()
     for capability, content_type in requests:
-        fitting = {
-            wid: (most - a.active_tasks - holds[wid], most)
-            for wid, w in index.workers.items()
-            if (a := w.avail).available and _fits(a, capability, content_type)
-            and (most := a.max_concurrent_tasks) - a.active_tasks - holds[wid] > 0
-        }  # fmt: skip
-        loads = {wid: ((most - free) / most, -free) for wid, (free, most) in fitting.items()}
+        workers = {wid: (w.avail, holds[wid]) for wid, w in index.workers.items()}
+        loads = _loads(workers, capability, content_type)
         got = index.pick(capability, content_type)
         if not loads:
             assert got is None
@@ -252,13 +261,8 @@ def test_updates_picks_releases_and_expiry_follow_a_simple_model(steps: list[tup
             case ("pick", capability, content_type):
                 for _, holds in model.values():
                     holds[:] = [t for t in holds if t > now]
-                free = {w: a.max_concurrent_tasks - a.active_tasks - len(h)
-                        for w, (a, h) in model.items()}  # fmt: skip
-                loads = {
-                    w: ((a.max_concurrent_tasks - free[w]) / a.max_concurrent_tasks, -free[w])
-                    for w, (a, _) in model.items()
-                    if a.available and free[w] > 0 and _fits(a, capability, content_type)
-                }
+                workers = {w: (a, len(h)) for w, (a, h) in model.items()}
+                loads = _loads(workers, capability, content_type)
                 got = index.pick(capability, content_type, now=now)
                 if not loads:
                     assert got is None
