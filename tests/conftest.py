@@ -64,3 +64,16 @@ async def eventually(
         if time.monotonic() > deadline:
             raise AssertionError(f"condition not met within {timeout} s") from last
         await asyncio.sleep(interval)
+
+
+async def stop_task(task: asyncio.Task[Any], what: str, timeout: float = 10.0) -> None:
+    """Cancel a helper task and wait for it; raise what it failed with, if anything.
+
+    A task still running `timeout` seconds after the cancel fails the test with
+    `what` named: that is a loop that swallowed its cancel (see registry.cancel).
+    """
+    task.cancel()
+    await asyncio.wait({task}, timeout=timeout)
+    assert task.done(), f"{what} still running {timeout} s after being cancelled"
+    if not task.cancelled() and task.exception() is not None:
+        raise task.exception()  # type: ignore[misc]

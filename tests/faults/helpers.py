@@ -39,8 +39,9 @@ from nats.aio.client import Client
 from nats.js import JetStreamContext, api
 from nats.js.api import PubAck
 
+from registry.cancel import raise_if_cancelled
 from registry.provision import api as js_api
-from tests.conftest import eventually
+from tests.conftest import eventually, stop_task
 from tests.integration.registry_helpers import (
     BUCKET,
     CONSUMER,
@@ -207,6 +208,7 @@ class RawFleet:
         next_at = time.monotonic()
         while True:
             await self._tick()
+            raise_if_cancelled()  # nats-py's publish_async turns a cancel into an error
             next_at = max(next_at + period, time.monotonic() - period)
             await asyncio.sleep(max(0.0, next_at - time.monotonic()))
 
@@ -232,10 +234,7 @@ class RawFleet:
             yield self
         finally:
             self._beating = False
-            self._task.cancel()
-            await asyncio.wait({self._task}, timeout=5.0)
-            if not self._task.cancelled() and self._task.exception() is not None:
-                raise self._task.exception()  # type: ignore[misc]
+            await stop_task(self._task, "the RawFleet's beating")
             await self.settle(settle_s)
 
 

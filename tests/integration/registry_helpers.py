@@ -27,8 +27,9 @@ from nats.js.api import PubAck
 from nats.js.errors import NotFoundError
 
 from registry import app
+from registry.cancel import raise_if_cancelled
 from registry.settings import RegistrySettings
-from tests.conftest import eventually
+from tests.conftest import eventually, stop_task
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -273,6 +274,7 @@ class Beater:
                 body = heartbeat_body(wid, inc, sent_at=rfc3339(offset_s=self.sent_offset_s),
                                       cpu=float(self.rounds % 100))  # fmt: skip
                 self.last[wid] = await publish(self.js, "heartbeat", wid, body)
+                raise_if_cancelled()  # a PubAck racing the cancel must not keep us beating
             self.rounds += 1
             await asyncio.sleep(self.interval_s)  # the agents' beat, not a wait
 
@@ -287,10 +289,7 @@ class Beater:
 
     async def __aexit__(self, *exc: object) -> None:
         assert self._task is not None
-        self._task.cancel()
-        await asyncio.wait({self._task}, timeout=5.0)
-        if not self._task.cancelled() and self._task.exception() is not None:
-            raise self._task.exception()  # type: ignore[misc]
+        await stop_task(self._task, "the Beater")
 
 
 # ---------------------------------------------------------------- the registry in-process
@@ -322,16 +321,7 @@ async def running_registry(
             await asyncio.wait_for(made[0].projector.caught_up.wait(), 10.0)
         yield made[0]
     finally:
-        await _stop(task)
-
-
-async def _stop(task: asyncio.Task[None], timeout: float = 10.0) -> None:
-    """Cancel `serve` and wait for it; never swallow this (the test's) cancellation."""
-    task.cancel()
-    done, _ = await asyncio.wait({task}, timeout=timeout)
-    assert done, f"serve() did not stop within {timeout} s of being cancelled"
-    if not task.cancelled() and task.exception() is not None:
-        raise task.exception()  # type: ignore[misc]
+        await stop_task(task, "serve()")
 
 
 # ---------------------------------------------------------------- `registry up` as a process
