@@ -29,6 +29,7 @@ from agent.publish import error_text, publish_event
 from agent.settings import AgentSettings, build_registration
 from agent.tasks import TaskStats
 from registry import protocol
+from registry.cancel import raise_if_cancelled
 from registry.protocol import WorkerStatus
 
 T = TypeVar("T")
@@ -147,6 +148,7 @@ class AgentThread:
         await conn.nc.subscribe(protocol.control_subject(self.worker_id), cb=self._on_control)
         if not await self._register(budget_s=None):
             raise AgentError("the server refused the registration (see event_rejected)")
+        raise_if_cancelled()  # a stop that raced the PubAck
         _settle(self.ready, None)
         async with asyncio.TaskGroup() as tg:
             tg.create_task(self._beat_loop())
@@ -243,6 +245,7 @@ class AgentThread:
         gap = min(MIN_BEAT_GAP_S, interval)
         self._last_beat = loop.time() - random.uniform(0.0, interval)  # spread a fleet
         while True:
+            raise_if_cancelled()  # nats-py can swallow a stop that races a PubAck
             wait = self._last_beat + (gap if self._beat_now.is_set() else interval) - loop.time()
             if wait > 0:
                 await self._sleep_unless_asked(wait)
@@ -276,6 +279,7 @@ class AgentThread:
     async def _control_loop(self) -> None:
         """Register again (same incarnation) when asked; requests close together coalesce."""
         while True:
+            raise_if_cancelled()
             await self._reregister.wait()
             await asyncio.sleep(random.uniform(0.0, min(1.0, self.s.heartbeat_interval_s)))
             self._reregister.clear()

@@ -10,6 +10,7 @@ import nats
 import structlog
 from nats.aio.client import Client
 
+from registry.cancel import raise_if_cancelled
 from registry.embedded import NatsServer
 from registry.projector import Projector
 from registry.protocol import WorkerInfo
@@ -134,6 +135,7 @@ async def serve(
             registry = Registry(nc, settings)
             service = await start_service(nc, registry) if settings.service else None
             try:
+                raise_if_cancelled()  # a stop that raced a provisioning reply
                 on_started(registry)
                 on_ready(url)
                 log.info("registry_running", url=url)
