@@ -232,18 +232,18 @@ class Projector:
         try:
             event = decode_event(msg.subject, msg.data)
         except BadEvent as e:
-            self._reject(seq, msg.subject, str(e), fresh)
+            self._reject(seq, msg.subject, e.reason, str(e), fresh)
             return
         except Exception as e:  # noqa: BLE001 - a decoder bug must not stall the stream either
             log.error("decoder_failed", seq=seq, error=f"{type(e).__name__}: {e}")
-            self._reject(seq, msg.subject, f"decoder failed: {type(e).__name__}", fresh)
+            self._reject(seq, msg.subject, "decoder_failed", type(e).__name__, fresh)
             return
         self._fold_event(event, seq, stored_at, batch, fresh)
 
-    def _reject(self, seq: int, subject: str, reason: str, fresh: bool) -> None:
+    def _reject(self, seq: int, subject: str, code: str, reason: str, fresh: bool) -> None:
         if fresh:
             self.counters.events_rejected += 1
-            log.warning("event_rejected", seq=seq, subject=subject, reason=reason)
+            log.warning("event_rejected", seq=seq, subject=subject, code=code, reason=reason)
 
     def _fold_event(
         self, event: Event, seq: int, stored_at: datetime, batch: _Batch, fresh: bool

@@ -245,16 +245,34 @@ _ENCODER: Final = msgspec.json.Encoder()
 
 
 class BadEvent(ValueError):
-    """An event that does not decode or validate: poison, never retried."""
+    """An event that does not decode or validate: poison, never retried.
+
+    `reason` is one of REJECT_REASONS, ours and stable (tests, logs and counters
+    key on it); the message adds the detail, which may quote the decoder's words.
+    """
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(detail)
+        self.reason = reason
+
+
+REJECT_REASONS: Final = (
+    "bad_subject",  # not worker.<kind>.<id>, or an invalid id token
+    "too_large",  # over MAX_EVENT_BYTES
+    "undecodable",  # not JSON, invalid UTF-8, nested too deeply
+    "invalid",  # JSON that breaks the schema: a missing field, a wrong type, out of range
+    "unsupported_version",  # a `v` this registry does not know
+    "id_mismatch",  # the body's worker id is not the subject's
+)
 
 
 def parse_subject(subject: str) -> tuple[str, str]:
     """`worker.<kind>.<id>` -> (kind, id), or BadEvent."""
     parts = subject.split(".")
     if len(parts) != 3 or parts[0] != "worker" or parts[1] not in EVENT_TYPES:
-        raise BadEvent(f"not an event subject: {subject!r}")
+        raise BadEvent("bad_subject", f"not an event subject: {subject!r}")
     if not _ID_RE.fullmatch(parts[2]):
-        raise BadEvent(f"invalid worker id in subject: {parts[2]!r}")
+        raise BadEvent("bad_subject", f"invalid worker id in subject: {parts[2]!r}")
     return parts[1], parts[2]
 
 
@@ -262,19 +280,24 @@ def decode_event(subject: str, data: bytes) -> Event:
     """Decode and validate one event body against its subject."""
     kind, worker_id = parse_subject(subject)
     if len(data) > MAX_EVENT_BYTES:
-        raise BadEvent(f"body of {len(data)} bytes exceeds {MAX_EVENT_BYTES}")
+        raise BadEvent("too_large", f"body of {len(data)} bytes exceeds {MAX_EVENT_BYTES}")
     try:
         event = _DECODERS[kind].decode(data)
+    except msgspec.ValidationError as e:  # valid JSON, wrong shape (a DecodeError subclass)
+        raise BadEvent("invalid", f"invalid {kind} body: {e}") from None
     except (msgspec.DecodeError, RecursionError, UnicodeDecodeError) as e:
-        # msgspec raises UnicodeDecodeError for an invalid UTF-8 byte inside a string
-        raise BadEvent(f"undecodable {kind} body: {e}") from None
+        # some msgspec versions raise UnicodeDecodeError for invalid UTF-8 inside a string
+        raise BadEvent("undecodable", f"undecodable {kind} body: {e}") from None
     if event.v != SCHEMA_VERSION:
-        raise BadEvent(f"unsupported schema version v={event.v!r}")
+        raise BadEvent("unsupported_version", f"unsupported schema version v={event.v!r}")
     if event.worker_id != worker_id:
-        raise BadEvent(f"body worker_id {event.worker_id!r} != subject id {worker_id!r}")
+        raise BadEvent(
+            "id_mismatch", f"body worker_id {event.worker_id!r} != subject id {worker_id!r}"
+        )
     if isinstance(event, RegisterEvent) and event.registration.worker_id != worker_id:
         raise BadEvent(
-            f"registration.worker_id {event.registration.worker_id!r} != subject id {worker_id!r}"
+            "id_mismatch",
+            f"registration.worker_id {event.registration.worker_id!r} != subject id {worker_id!r}",
         )
     return event
 

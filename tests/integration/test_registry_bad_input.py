@@ -124,8 +124,9 @@ async def test_rejected_event_is_logged_with_reason(
     assert all(isinstance(e["reason"], str) and e["reason"] for e in rejected)
     assert all(e["subject"].endswith(f".{WID}") for e in rejected)
     by_seq = {e["seq"]: e["reason"] for e in rejected}
-    assert "cpu_usage_percent" in by_seq[bad_seqs[4]]  # cpu 150 %
-    assert "completed_tasks" in by_seq[bad_seqs[5]]  # negative counter
+    code = {e["seq"]: e["code"] for e in rejected}
+    assert code[bad_seqs[4]] == code[bad_seqs[5]] == "invalid"  # cpu 150 %, a negative counter
+    assert code[bad_seqs[7]] == "id_mismatch" and code[bad_seqs[10]] == "too_large"
     assert "w-other" in by_seq[bad_seqs[7]]  # mismatched ids
     assert "exceeds" in by_seq[bad_seqs[10]]  # 500 kB
     assert "v=2" in by_seq[bad_seqs[11]]

@@ -62,34 +62,42 @@ def test_encoded_fields_use_the_plan_names() -> None:
     assert body["sent_at"] == "2026-11-28T12:00:05Z"
 
 
+HB = "worker.heartbeat.gpu-box-1"
+
+
 @pytest.mark.parametrize(
-    ("subject", "body", "why"),
+    ("subject", "body", "reason"),
     [
-        ("worker.heartbeat.gpu-box-1", b"not json", "undecodable"),
-        ("worker.heartbeat.other", golden("heartbeat.json"), "!= subject id"),
-        ("worker.bogus.gpu-box-1", golden("heartbeat.json"), "not an event subject"),
-        ("worker.heartbeat.bad$id", golden("heartbeat.json"), "invalid worker id"),
-        ("worker.heartbeat.gpu-box-1", golden("heartbeat.json").replace(b'"v":1', b'"v":2'), "version"),
-        ("worker.heartbeat.gpu-box-1", golden("heartbeat.json").replace(b"41.5", b"150"), "<= 100"),
-        ("worker.heartbeat.gpu-box-1", golden("heartbeat.json").replace(b"117", b"-1"), ">= 0"),
-        ("worker.heartbeat.gpu-box-1", golden("heartbeat.json").replace(b'"busy"', b'"napping"'), "Invalid enum"),
-        ("worker.heartbeat.gpu-box-1", golden("heartbeat.json").replace(b"41.5", b'"41.5"'), "Expected `float`"),
-        ("worker.heartbeat.gpu-box-1", golden("heartbeat.json").replace(b"41.5", b"1e999"), ""),
-        ("worker.heartbeat.gpu-box-1", b"[" * 100_000, ""),
-        ("worker.unregister.gpu-box-1", golden("unregister.json").replace(b"shutdown", b"\xff"), "utf-8"),
-        ("worker.heartbeat.gpu-box-1", b" " * (protocol.MAX_EVENT_BYTES + 1), "exceeds"),
+        (HB, b"not json", "undecodable"),
+        ("worker.unregister.gpu-box-1", golden("unregister.json").replace(b"shutdown", b"\xff"), "undecodable"),
+        ("worker.heartbeat.other", golden("heartbeat.json"), "id_mismatch"),
+        ("worker.bogus.gpu-box-1", golden("heartbeat.json"), "bad_subject"),
+        ("worker.heartbeat.bad$id", golden("heartbeat.json"), "bad_subject"),
+        (HB, golden("heartbeat.json").replace(b'"v":1', b'"v":2'), "unsupported_version"),
+        (HB, golden("heartbeat.json").replace(b"41.5", b"150"), "invalid"),
+        (HB, golden("heartbeat.json").replace(b"117", b"-1"), "invalid"),
+        (HB, golden("heartbeat.json").replace(b'"busy"', b'"napping"'), "invalid"),
+        (HB, golden("heartbeat.json").replace(b"41.5", b'"41.5"'), "invalid"),
+        (HB, golden("heartbeat.json").replace(b"41.5", b"1e999"), "invalid"),
+        (HB, golden("heartbeat.json").replace(b'"status":"busy",', b""), "invalid"),
+        (HB, b"[" * 100_000, "too_large"),
+        (HB, b" " * (protocol.MAX_EVENT_BYTES + 1), "too_large"),
     ],
-)
-def test_bad_events_are_refused_with_a_reason(subject: str, body: bytes, why: str) -> None:
-    with pytest.raises(BadEvent, match=None) as info:
+)  # fmt: skip
+def test_bad_events_are_refused_with_a_reason(subject: str, body: bytes, reason: str) -> None:
+    """The reason is our own code (never the decoder's wording, which changes between
+    releases); the message carries the detail."""
+    with pytest.raises(BadEvent) as info:
         decode_event(subject, body)
-    assert why in str(info.value)
+    assert info.value.reason == reason
+    assert reason in protocol.REJECT_REASONS and str(info.value)
 
 
 def test_register_whose_registration_id_differs_is_refused() -> None:
     data = golden("register.json").replace(b'"worker_id":"gpu-box-1","name"', b'"worker_id":"x","name"')
-    with pytest.raises(BadEvent, match="registration.worker_id"):
+    with pytest.raises(BadEvent) as info:
         decode_event("worker.register.gpu-box-1", data)
+    assert info.value.reason == "id_mismatch" and "registration.worker_id" in str(info.value)
 
 
 @pytest.mark.parametrize("good", ["a", "A-z_0-9", "x" * 128])
