@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/gc_pause.py [--count N] [--no-share]
 
-The simulator's registration and heartbeat bodies (agent/simulate.py, as the
+The simulator's registration and heartbeat bodies (agent/simulate/, as the
 real agent sends them) are decoded and folded the way the projector does it:
 registrations through `registry.share.Parts` (off with --no-share), records
 in `Entry`s, and the sweeper's two deadline heaps armed per worker. Printed:

@@ -4,7 +4,7 @@
 
 A nats-server (file storage, nats/server.conf) and `registry up --nats URL`
 run as processes on 127.0.0.1. The load is a simulated fleet
-(agent/simulate.py, with churn: restarts and silent deaths) plus a raw fleet
+(agent/simulate/, with churn: restarts and silent deaths) plus a raw fleet
 whose every acknowledged event is on a ledger (tests/faults/helpers.RawFleet).
 Every `--every` seconds one fault, in rotation:
 

@@ -1,5 +1,5 @@
 """Stop the registry for longer than every worker's timeout while a simulated
-fleet (agent/simulate.py) keeps beating: once it is back, it folds what it
+fleet (agent/simulate/) keeps beating: once it is back, it folds what it
 missed before it judges anyone, so nobody is expired; a worker that really
 went silent meanwhile still is (the sweeper is judging, not asleep).
 
