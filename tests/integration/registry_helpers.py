@@ -332,11 +332,17 @@ def registry_command(*args: str) -> list[str]:
 
 
 class RegistryProcess:
-    """`registry up ...` in a child process; stderr (JSON log lines) goes to a file."""
+    """`registry up ...` in a child process; stderr (JSON log lines) goes to a file.
 
-    def __init__(self, args: list[str], log_path: Path) -> None:
-        self.args = args
+    `command` replaces `python -m registry.cli up` (e.g. an installed console script)."""
+
+    def __init__(
+        self, args: list[str], log_path: Path, command: list[str] | None = None,
+        cwd: Path | None = None,
+    ) -> None:  # fmt: skip
+        self.command = [*(command or registry_command()), *args]
         self.log_path = log_path
+        self.cwd = cwd
         self.proc: asyncio.subprocess.Process | None = None
 
     async def start(self) -> RegistryProcess:
@@ -344,8 +350,8 @@ class RegistryProcess:
         env.pop("NATS_URL", None)
         with open(self.log_path, "ab") as log:  # noqa: ASYNC230 - a local file, at once
             self.proc = await asyncio.create_subprocess_exec(
-                *registry_command(*self.args), stdout=asyncio.subprocess.PIPE, stderr=log,
-                stdin=asyncio.subprocess.DEVNULL, env=env,
+                *self.command, stdout=asyncio.subprocess.PIPE, stderr=log,
+                stdin=asyncio.subprocess.DEVNULL, env=env, cwd=self.cwd,
             )  # fmt: skip
         return self
 
@@ -387,8 +393,10 @@ class RegistryProcess:
 
 
 @contextlib.asynccontextmanager
-async def registry_process(args: list[str], log_path: Path) -> AsyncIterator[RegistryProcess]:
-    proc = await RegistryProcess(args, log_path).start()
+async def registry_process(
+    args: list[str], log_path: Path, command: list[str] | None = None, cwd: Path | None = None
+) -> AsyncIterator[RegistryProcess]:
+    proc = await RegistryProcess(args, log_path, command, cwd).start()
     try:
         yield proc
     finally:

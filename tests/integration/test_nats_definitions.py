@@ -1,4 +1,8 @@
-"""The files under nats/ are what the `nats` CLI takes, and the registry uses them as they are."""
+"""The files under nats/ are what the `nats` CLI takes, and the registry uses them as they are.
+
+The tests read them where a user of the CLI does, through the repository's
+top-level nats/, which is a link to the copy the package ships (registry/nats/).
+"""
 
 from __future__ import annotations
 
@@ -8,12 +12,24 @@ from pathlib import Path
 
 from nats.aio.client import Client
 
-from registry.embedded import DEFINITIONS, find_binary
+from registry import definitions
+from registry.embedded import find_binary
 from registry.provision import api, provision
+
+REPO_NATS = Path(__file__).resolve().parents[2] / "nats"
 
 
 def definition(rel: str) -> dict[str, object]:
-    return json.loads((DEFINITIONS / rel).read_text())
+    return json.loads((REPO_NATS / rel).read_text())
+
+
+def test_the_repository_nats_folder_is_the_packaged_one_not_a_copy() -> None:
+    assert REPO_NATS.is_symlink(), "nats/ must link to registry/nats/, not hold a second copy"
+    assert REPO_NATS.resolve() == Path(str(definitions.ROOT)).resolve()
+    files = definitions.listing()
+    assert {"server.conf", "streams/WORKER_EVENTS.json", "kv/workers.json"} <= set(files)
+    for rel in files:
+        assert (REPO_NATS / rel).read_bytes() == definitions.ROOT.joinpath(*rel.split("/")).read_bytes()
 
 
 async def test_stream_files_are_accepted_verbatim_by_the_jetstream_api(nc: Client) -> None:
@@ -58,7 +74,7 @@ async def test_events_stream_captures_only_the_event_subjects(nc: Client) -> Non
 
 def test_server_conf_is_a_valid_nats_server_config(tmp_path: Path) -> None:
     result = subprocess.run(
-        [find_binary(), "-c", str(DEFINITIONS / "server.conf"), "-t"],
+        [find_binary(), "-c", str(REPO_NATS / "server.conf"), "-t"],
         capture_output=True, text=True, timeout=10, cwd=tmp_path,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr

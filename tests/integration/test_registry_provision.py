@@ -10,7 +10,8 @@ from typing import Any
 import pytest
 from nats.aio.client import Client
 
-from registry.embedded import DEFINITIONS, NatsServer
+from registry import definitions
+from registry.embedded import NatsServer
 from registry.provision import ProvisionError, provision
 from tests.integration.registry_helpers import (
     AVAILABILITY,
@@ -34,7 +35,7 @@ async def _stream_configs(nc: Client) -> dict[str, dict[str, Any]]:
 
 async def _create_events_stream_with(nc: Client, **changes: Any) -> None:
     """WORKER_EVENTS as someone else made it: the definition with `changes`."""
-    cfg = {**json.loads((DEFINITIONS / "streams" / f"{EVENTS}.json").read_text()), **changes}
+    cfg = {**definitions.load(f"streams/{EVENTS}.json"), **changes}
     msg = await nc.request(f"$JS.API.STREAM.CREATE.{EVENTS}", json.dumps(cfg).encode(), timeout=5.0)
     assert "error" not in json.loads(msg.data)
 
