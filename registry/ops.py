@@ -229,7 +229,7 @@ def now() -> datetime:
 
 async def load_records(nc: Client) -> dict[str, WorkerInfo]:
     try:
-        entries, _ = await Bucket(nc.jetstream()).load_all()
+        entries, _ = await Bucket(nc).load_all()
     except nats.js.errors.NotFoundError:
         raise OpsError(
             f"no bucket {protocol.BUCKET!r}: has the registry been started here?"
@@ -239,7 +239,7 @@ async def load_records(nc: Client) -> dict[str, WorkerInfo]:
 
 async def load_record(nc: Client, worker_id: str) -> WorkerInfo | None:
     try:
-        entry = await Bucket(nc.jetstream()).get(worker_id)
+        entry = await Bucket(nc).get(worker_id)
     except nats.js.errors.BucketNotFoundError:
         raise OpsError(
             f"no bucket {protocol.BUCKET!r}: has the registry been started here?"

@@ -120,7 +120,7 @@ class Projector:
         self.settings = settings
         self.clock = clock
         self.names = names
-        self.bucket = Bucket(self.js, names.bucket)
+        self.bucket = Bucket(nc, names.bucket)
         self.pipeline = Pipeline(nc)
         self.parts = Parts()  # one copy of what the fleet's registrations repeat
         self.entries: dict[str, Entry] = {}

@@ -22,6 +22,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, ParamSpec, Self, TypeVar
 
+from nats.aio.msg import Msg
 from nats.js import JetStreamContext, api
 from nats.js.api import PubAck
 from nats.js.errors import NotFoundError
@@ -29,6 +30,7 @@ from nats.js.errors import NotFoundError
 from registry import app
 from registry.cancel import raise_if_cancelled
 from registry.settings import RegistrySettings
+from registry.store import is_deleted, read_last_values
 from tests.conftest import eventually, stop_task
 
 P = ParamSpec("P")
@@ -183,36 +185,24 @@ async def publish(
 
 
 async def bucket_records(js: JetStreamContext) -> dict[str, dict[str, Any]]:
-    """Every current value of bucket `workers`, decoded.
+    """Every current value of bucket `workers`, as decoded JSON.
 
-    Read with an ordered consumer (last value per key) until a message says
-    nothing is pending, not with nats-py's `kv.keys()`: that one signals "no
-    more keys" from consumer info, and when the server has pushed every key
-    before the info reply arrives (a busy machine), it returns none at all.
+    Read the way the registry reads the bucket (`registry.store.read_last_values`,
+    on the connection behind `js`): every key the stream lists, even while the
+    registry writes. Not with nats-py's `kv.keys()` (it signals "no more keys"
+    from consumer info, and returns none when the server pushed every key before
+    that reply), nor until a message says nothing is pending (a key whose value
+    is replaced meanwhile comes after that).
     """
-    info = await js.stream_info(f"KV_{BUCKET}")
-    if not info.state.messages:
-        return {}
-    prefix = f"$KV.{BUCKET}."
-    sub = await js.subscribe(
-        f"{prefix}>", stream=f"KV_{BUCKET}", ordered_consumer=True,
-        deliver_policy=api.DeliverPolicy.LAST_PER_SUBJECT,
-        pending_msgs_limit=-1, pending_bytes_limit=-1,
-    )  # fmt: skip
     out: dict[str, dict[str, Any]] = {}
-    try:
-        async with asyncio.timeout(30.0):
-            while True:
-                msg = await sub.next_msg(timeout=30.0)
-                key = msg.subject[len(prefix) :]
-                if (msg.headers or {}).get("KV-Operation") in ("DEL", "PURGE"):
-                    out.pop(key, None)
-                else:
-                    out[key] = json.loads(msg.data)
-                if msg.metadata.num_pending == 0:
-                    return out
-    finally:
-        await sub.unsubscribe()
+
+    def take(key: str, msg: Msg) -> None:
+        out.pop(key, None)
+        if not is_deleted(msg):
+            out[key] = json.loads(msg.data)
+
+    await read_last_values(js._nc, f"KV_{BUCKET}", f"$KV.{BUCKET}.", take, 30.0)
+    return out
 
 
 async def record(js: JetStreamContext, worker_id: str) -> dict[str, Any] | None:
