@@ -7,23 +7,16 @@ disconnect means (heartbeats are skipped while it lasts).
 from __future__ import annotations
 
 import asyncio
-import random
 from typing import Any, Final
-from urllib.parse import urlsplit
 
 import nats.errors
-from nats.aio.client import Client, Server
+from nats.aio.client import Client
 
 from agent.publish import error_text
 from agent.settings import AgentSettings
+from registry.connect import NatsOptions, Reconnect, redact
 
 DRAIN_TIMEOUT_S: Final = 2.0
-
-
-def safe_url(url: str) -> str:
-    """A server URL without credentials, for logs."""
-    parts = urlsplit(url if "://" in url else f"nats://{url}")
-    return f"{parts.scheme}://{parts.hostname}:{parts.port or 4222}"
 
 
 class Connection:
@@ -65,31 +58,22 @@ class Connection:
         return f"{url.hostname}:{url.port}" if url is not None else "?"
 
     def _options(self) -> dict[str, Any]:
-        return {
-            "servers": self.s.servers,
-            "name": f"worker-agent {self.worker_id}",
-            "max_reconnect_attempts": -1,
-            "reconnect_time_wait": self.s.reconnect_wait_s,
-            "reconnect_to_server_handler": self._next_server,
-            "connect_timeout": 2,
-            "drain_timeout": int(DRAIN_TIMEOUT_S),
-            "ping_interval": 10,
-            "max_outstanding_pings": 2,
-            "error_cb": self._on_error,
-            "disconnected_cb": self._on_disconnected,
-            "reconnected_cb": self._on_reconnected,
-        }
-
-    def _next_server(self, servers: list[Server], _info: dict[str, Any]) -> tuple[Server, float]:
-        """Reconnect to the least-failed server after the wait plus jitter (no herd)."""
-        delay = self.s.reconnect_wait_s + random.uniform(0.0, self.s.reconnect_jitter_s)
-        return min(servers, key=lambda server: server.reconnects), delay
+        reconnect = Reconnect(wait_s=self.s.reconnect_wait_s, jitter_s=self.s.reconnect_jitter_s)
+        options = NatsOptions.of(
+            self.s.servers, f"worker-agent {self.worker_id}", reconnect=reconnect,
+            ping_interval_s=10,
+        )  # fmt: skip
+        return options.kwargs(
+            drain_timeout=int(DRAIN_TIMEOUT_S), max_outstanding_pings=2,
+            error_cb=self._on_error, disconnected_cb=self._on_disconnected,
+            reconnected_cb=self._on_reconnected,
+        )  # fmt: skip
 
     async def _on_error(self, e: Exception) -> None:
         if not self._connected:
             self.log.warning(
                 "nats_unreachable",
-                servers=[safe_url(u) for u in self.s.servers],
+                servers=[redact(u) for u in self.s.servers],
                 error=error_text(e),
                 retry_in_s=self.s.reconnect_wait_s,
             )

@@ -12,15 +12,14 @@ import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Final
-from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from agent.probe import Prober
 from registry import protocol
+from registry.connect import split_servers
 from registry.protocol import WorkerCapability
 
-NATS_SCHEMES: Final = frozenset({"nats", "tls", "ws", "wss"})
 _UNSAFE_ID_CHARS: Final = re.compile(r"[^A-Za-z0-9_-]+")
 
 
@@ -53,14 +52,6 @@ def existing_path(value: str) -> str:
     return value
 
 
-def is_nats_url(url: str) -> bool:
-    parts = urlsplit(url if "://" in url else f"nats://{url}")
-    try:
-        return parts.scheme in NATS_SCHEMES and bool(parts.hostname) and parts.port != 0
-    except ValueError:  # a port that is not a number, or out of range
-        return False
-
-
 class AgentSettings(BaseModel):
     """Everything a person configures about an agent, validated once."""
 
@@ -84,8 +75,7 @@ class AgentSettings(BaseModel):
     @field_validator("nats_url")
     @classmethod
     def _nats_urls(cls, value: str) -> str:
-        if not all(is_nats_url(url.strip()) for url in value.split(",")):
-            raise ValueError("not a NATS URL (expected e.g. nats://127.0.0.1:4222)")
+        split_servers(value)  # NatsUrlError (a ValueError) names the bad one
         return value
 
     @field_validator("disk_path")
@@ -131,7 +121,7 @@ class AgentSettings(BaseModel):
 
     @property
     def servers(self) -> list[str]:
-        return [url.strip() for url in self.nats_url.split(",") if url.strip()]
+        return split_servers(self.nats_url)
 
 
 def derive_worker_id(name: str, hostname: str) -> str:

@@ -22,8 +22,8 @@ import psutil
 from nats.aio.client import Client
 
 from agent.simulate import AckedPublisher, Fleet, SimSettings
-from registry.embedded import NatsServer, find_binary
-from registry.provision import provision
+from registry.server.embedded import NatsServer, find_binary
+from registry.server.provision import provision
 
 ROOT = Path(__file__).resolve().parent.parent
 REGISTRY_PROC = Path(__file__).resolve().parent / "registry_proc.py"

@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import nats  # noqa: E402
 
-from registry.embedded import NatsServer  # noqa: E402
+from registry.server.embedded import NatsServer  # noqa: E402
 
 POLICIES = {"default (2 min)": "jetstream { }", "1s": "jetstream { sync_interval: 1s }",
             "always": "jetstream { sync_interval: always }"}  # fmt: skip

@@ -28,8 +28,8 @@ import msgspec  # noqa: E402
 from agent.simulate import Fleet, SimSettings, sent_at_now  # noqa: E402
 from registry.fold import Applied, evolve  # noqa: E402
 from registry.protocol import RegisterEvent, decode_event, event_subject  # noqa: E402
+from registry.server.store import Entry  # noqa: E402
 from registry.share import Parts  # noqa: E402
-from registry.store import Entry  # noqa: E402
 from registry.sweep import DeadlineHeap  # noqa: E402
 
 

@@ -21,8 +21,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import psutil
 
 from registry import logs
-from registry.app import Registry, serve
-from registry.settings import RegistrySettings
+from registry.server.app import Registry, serve
+from registry.server.settings import RegistrySettings
 
 
 class GcPauses:

@@ -46,9 +46,9 @@ from nats.js import JetStreamContext  # noqa: E402
 
 from agent.simulate import SimReport, SimSettings, simulate  # noqa: E402
 from registry import logs  # noqa: E402
-from registry.embedded import NatsServer  # noqa: E402
-from registry.provision import api as js_api  # noqa: E402
-from registry.provision import provision  # noqa: E402
+from registry.server.embedded import NatsServer  # noqa: E402
+from registry.server.provision import api as js_api  # noqa: E402
+from registry.server.provision import provision  # noqa: E402
 from tests.faults.helpers import (  # noqa: E402
     RawFleet,
     StoredMsg,

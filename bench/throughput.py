@@ -32,9 +32,9 @@ import structlog
 
 from bench.common import client, fleet, nats_server, preload, provisioned, stream_state, until
 from registry import logs
-from registry.app import Registry
-from registry.provision import Names, api, consumer_config, ensure_stream, stream_configs
-from registry.settings import RegistrySettings
+from registry.server.app import Registry
+from registry.server.provision import Names, api, consumer_config, ensure_stream, stream_configs
+from registry.server.settings import RegistrySettings
 
 EVENTS = "WORKER_EVENTS"
 BATCH = 512

@@ -16,10 +16,11 @@ from typing import Any
 
 import pydantic
 
-from registry import logs, ops
-from registry.embedded import ServerError
-from registry.provision import ProvisionError
-from registry.settings import RegistrySettings
+from registry import logs
+from registry.ops.commands import add_commands
+from registry.server.embedded import ServerError
+from registry.server.provision import ProvisionError
+from registry.server.settings import RegistrySettings
 
 
 def _env_float(name: str, default: float) -> float:
@@ -72,7 +73,7 @@ def run_up(args: argparse.Namespace) -> int:
     except pydantic.ValidationError as e:
         return _bad_args(e)
     logs.configure(args.log_level)
-    from registry.app import serve
+    from registry.server.app import serve
 
     def ready(url: str) -> None:
         print(url, flush=True)
@@ -118,7 +119,7 @@ def add_check(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 
 def run_check(args: argparse.Namespace) -> int:
-    from registry.check import Unhealthy, check
+    from registry.ops.check import Unhealthy, check
 
     try:
         print(asyncio.run(check(args.nats, args.max_lag, args.timeout)))
@@ -135,7 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     add_up(sub)
     add_check(sub)
-    ops.add_commands(sub)
+    add_commands(sub)
     return parser
 
 

@@ -13,7 +13,7 @@ import nats
 import pytest
 from nats.aio.client import Client
 
-from registry.embedded import NatsServer
+from registry.server.embedded import NatsServer
 
 T = TypeVar("T")
 

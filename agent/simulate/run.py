@@ -14,6 +14,8 @@ from nats.aio.msg import Msg
 from agent.simulate.fleet import Fleet, SimReport
 from agent.simulate.publisher import AckedPublisher
 from agent.simulate.settings import SimSettings
+from registry.connect import NatsOptions, Reconnect
+from registry.connect import connect as connect_to
 
 log = structlog.get_logger("agent.simulate")
 
@@ -24,14 +26,10 @@ async def connect(url: str, timeout_s: float = 10.0) -> Client:
     async def on_error(e: Exception) -> None:
         log.warning("nats_error", url=url, error=str(e) or type(e).__name__)
 
+    options = NatsOptions.of(url, "agent-simulate", reconnect=Reconnect(wait_s=0.5))
     return await asyncio.wait_for(
-        nats.connect(
-            servers=[u.strip() for u in url.split(",") if u.strip()], name="agent-simulate",
-            connect_timeout=2.0, max_reconnect_attempts=-1, reconnect_time_wait=0.5,
-            pending_size=32 * 1024 * 1024, error_cb=on_error,
-        ),
-        timeout_s,
-    )  # fmt: skip
+        connect_to(options, pending_size=32 * 1024 * 1024, error_cb=on_error), timeout_s
+    )
 
 
 async def _connect_unless_stopped(url: str, stop: asyncio.Event) -> Client | None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from registry.connect import split_servers
+
 
 class SimSettings(BaseModel):
     """What a person configures about a simulated fleet, validated once."""
@@ -29,6 +31,5 @@ class SimSettings(BaseModel):
     @field_validator("nats_url")
     @classmethod
     def _url(cls, v: str) -> str:
-        if "://" not in v:
-            raise ValueError("expected a NATS URL such as nats://127.0.0.1:4222")
+        split_servers(v)  # NatsUrlError (a ValueError) names the bad one
         return v

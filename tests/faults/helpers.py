@@ -40,7 +40,7 @@ from nats.js import JetStreamContext, api
 from nats.js.api import PubAck
 
 from registry.cancel import raise_if_cancelled
-from registry.provision import api as js_api
+from registry.server.provision import api as js_api
 from tests.conftest import eventually, stop_task
 from tests.integration.registry_helpers import (
     BUCKET,

@@ -24,7 +24,7 @@ from nats.aio.client import Client
 
 from agent import Agent
 from registry import protocol
-from registry.embedded import NatsServer
+from registry.server.embedded import NatsServer
 from tests.faults.helpers import jumpable_wall_clock, stream_messages
 from tests.integration.registry_helpers import (
     Beater,

@@ -19,7 +19,7 @@ import pytest
 from nats.aio.client import Client
 
 from agent import Agent
-from registry.embedded import NatsServer
+from registry.server.embedded import NatsServer
 from tests.conftest import eventually
 from tests.integration.registry_helpers import bounded, bucket_records, running_registry
 

@@ -33,9 +33,10 @@ import pytest
 from nats.aio.client import Client
 from nats.js import JetStreamContext
 
-from registry import fold, projector
-from registry.embedded import NatsServer
-from registry.provision import provision
+from registry import fold
+from registry.server import projector
+from registry.server.embedded import NatsServer
+from registry.server.provision import provision
 from tests.conftest import eventually
 from tests.faults.helpers import StoredMsg, stream_messages
 from tests.integration.registry_helpers import (

@@ -22,10 +22,10 @@ from nats.aio.client import Client
 from nats.js import JetStreamContext
 
 from agent import Agent
-from registry.embedded import NatsServer
 from registry.protocol import Availability
-from registry.provision import provision
 from registry.router import Router
+from registry.server.embedded import NatsServer
+from registry.server.provision import provision
 from tests.conftest import eventually
 from tests.faults.helpers import (
     RawFleet,

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from nats.aio.client import Client
 
-from registry.embedded import NatsServer
-from registry.provision import api
+from registry.server.embedded import NatsServer
+from registry.server.provision import api
 from tests.conftest import eventually
 from tests.faults.helpers import stream_messages
 from tests.integration.registry_helpers import (

@@ -14,7 +14,7 @@ import json
 
 from nats.aio.client import Client
 
-from registry.embedded import NatsServer
+from registry.server.embedded import NatsServer
 from tests.conftest import eventually
 from tests.integration.registry_helpers import (
     bounded,

@@ -16,8 +16,8 @@ from pathlib import Path
 from nats.aio.client import Client
 
 from agent.simulate import SimSettings, simulate
-from registry.embedded import NatsServer
-from registry.provision import provision
+from registry.server.embedded import NatsServer
+from registry.server.provision import provision
 from tests.conftest import eventually
 from tests.faults.helpers import stream_messages
 from tests.integration.registry_helpers import (

@@ -19,7 +19,7 @@ import json
 
 from nats.aio.client import Client
 
-from registry.embedded import NatsServer
+from registry.server.embedded import NatsServer
 from tests.conftest import eventually
 from tests.faults.helpers import replay, without
 from tests.integration.registry_helpers import (

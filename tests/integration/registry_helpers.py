@@ -23,14 +23,14 @@ from pathlib import Path
 from typing import Any, ParamSpec, Self, TypeVar
 
 from nats.aio.msg import Msg
-from nats.js import JetStreamContext, api
+from nats.js import JetStreamContext
 from nats.js.api import PubAck
 from nats.js.errors import NotFoundError
 
-from registry import app
 from registry.cancel import raise_if_cancelled
-from registry.settings import RegistrySettings
-from registry.store import is_deleted, read_last_values
+from registry.server import app
+from registry.server.settings import RegistrySettings
+from registry.server.store import is_deleted, read_last_values
 from tests.conftest import eventually, stop_task
 
 P = ParamSpec("P")

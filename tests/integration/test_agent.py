@@ -23,8 +23,8 @@ from structlog.testing import capture_logs
 from agent import Agent, Prober
 from agent.publish import publish_event
 from registry import protocol
-from registry.embedded import NatsServer
-from registry.provision import provision
+from registry.server.embedded import NatsServer
+from registry.server.provision import provision
 from tests.conftest import eventually
 from tests.integration.registry_helpers import (
     bounded,

@@ -19,8 +19,8 @@ from nats.aio.client import Client
 from nats.js import JetStreamContext
 
 from registry import protocol
-from registry.embedded import NatsServer
-from registry.provision import provision
+from registry.server.embedded import NatsServer
+from registry.server.provision import provision
 from tests.conftest import eventually
 from tests.integration.registry_helpers import bounded, record, running_registry, stored_time
 

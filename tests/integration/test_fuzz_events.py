@@ -43,9 +43,9 @@ from hypothesis import strategies as st
 from nats.aio.client import Client
 from nats.js import JetStreamContext
 
-from registry.app import Registry
-from registry.embedded import NatsServer
-from registry.provision import api, provision
+from registry.server.app import Registry
+from registry.server.embedded import NatsServer
+from registry.server.provision import api, provision
 from tests.conftest import eventually
 from tests.integration.registry_helpers import (
     EVENTS,

@@ -13,8 +13,8 @@ from pathlib import Path
 from nats.aio.client import Client
 
 from registry import definitions
-from registry.embedded import find_binary
-from registry.provision import api, provision
+from registry.server.embedded import find_binary
+from registry.server.provision import api, provision
 
 REPO_NATS = Path(__file__).resolve().parents[2] / "nats"
 

@@ -13,11 +13,13 @@ import pytest
 from nats.aio.client import Client
 from nats.js import JetStreamContext
 
-from registry import fold, ops, protocol
-from registry.embedded import NatsServer
+from registry import fold, protocol
+from registry.eventlog import EventQuery, read_events
+from registry.ops.commands import add_commands
 from registry.protocol import WorkerInfo
-from registry.provision import provision
-from registry.service import EventQuery, read_events, start_service
+from registry.server.embedded import NatsServer
+from registry.server.provision import provision
+from registry.server.service import start_service
 from tests.factories import (
     FLEET,
     View,
@@ -33,7 +35,7 @@ from tests.factories import (
 def ops_main(argv: list[str]) -> int:
     """What `registry <command> ...` does: parse with add_commands, then args.run(args)."""
     parser = argparse.ArgumentParser(prog="registry")
-    ops.add_commands(parser.add_subparsers(dest="command", required=True))
+    add_commands(parser.add_subparsers(dest="command", required=True))
     try:
         args = parser.parse_args(argv)
     except SystemExit as e:
@@ -139,6 +141,22 @@ async def test_bad_flag_value_is_one_line_and_exit_2(capsys: pytest.CaptureFixtu
     assert one_line(err).startswith(
         "registry workers: argument --capability: invalid choice: 'tpu'"
     )
+
+
+async def test_a_cluster_is_given_as_several_urls_and_a_dead_one_is_skipped(
+    capsys: pytest.CaptureFixture[str], nats_server: NatsServer, fleet: list[WorkerInfo]
+) -> None:
+    for servers in (f"nats://127.0.0.1:1,{nats_server.url}", f"{nats_server.url},nats://127.0.0.1:1"):
+        code, out, _ = await run(capsys, "workers", "--json", "--nats", servers)
+        assert code == 0 and len(json.loads(out)) == 4
+
+
+async def test_a_bad_url_in_the_server_list_is_one_line_and_exit_2(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    code, out, err = await run(capsys, "workers", "--nats", "nats://127.0.0.1:4222,http://x:1")
+    assert (code, out) == (2, "")
+    assert "'http://x:1'" in one_line(err)
 
 
 # ---------------------------------------------------------------- get

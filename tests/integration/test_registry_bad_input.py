@@ -13,8 +13,8 @@ from nats.aio.client import Client
 from nats.js import JetStreamContext
 from structlog.testing import capture_logs
 
-from registry import projector
-from registry.embedded import NatsServer
+from registry.server import projector
+from registry.server.embedded import NatsServer
 from tests.conftest import eventually
 from tests.integration.registry_helpers import (
     bounded,

@@ -8,9 +8,9 @@ import sys
 import pytest
 from nats.aio.client import Client
 
-from registry.check import Unhealthy, check
-from registry.embedded import NatsServer
-from registry.provision import provision
+from registry.ops.check import Unhealthy, check
+from registry.server.embedded import NatsServer
+from registry.server.provision import provision
 from tests.conftest import eventually
 from tests.integration.registry_helpers import (
     Beater,

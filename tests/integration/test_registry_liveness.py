@@ -9,7 +9,7 @@ from nats.aio.client import Client
 from nats.js import JetStreamContext
 from structlog.testing import capture_logs
 
-from registry.embedded import NatsServer
+from registry.server.embedded import NatsServer
 from tests.conftest import eventually
 from tests.integration.registry_helpers import (
     Beater,

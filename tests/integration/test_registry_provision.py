@@ -11,8 +11,8 @@ import pytest
 from nats.aio.client import Client
 
 from registry import definitions
-from registry.embedded import NatsServer
-from registry.provision import ProvisionError, provision
+from registry.server.embedded import NatsServer
+from registry.server.provision import ProvisionError, provision
 from tests.integration.registry_helpers import (
     AVAILABILITY,
     BUCKET,

@@ -5,7 +5,7 @@ from __future__ import annotations
 from nats.aio.client import Client
 from nats.js import JetStreamContext
 
-from registry.embedded import NatsServer
+from registry.server.embedded import NatsServer
 from tests.conftest import eventually
 from tests.integration.registry_helpers import (
     bounded,

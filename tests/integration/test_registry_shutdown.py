@@ -8,9 +8,9 @@ import asyncio
 
 from nats.aio.client import Client
 
-from registry import app
-from registry.embedded import NatsServer
-from registry.settings import RegistrySettings
+from registry.server import app
+from registry.server.embedded import NatsServer
+from registry.server.settings import RegistrySettings
 from tests.conftest import eventually
 from tests.integration.registry_helpers import (
     bounded,

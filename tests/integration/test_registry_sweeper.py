@@ -10,7 +10,7 @@ from typing import Any
 from nats.aio.client import Client
 from nats.js import JetStreamContext
 
-from registry.embedded import NatsServer
+from registry.server.embedded import NatsServer
 from tests.conftest import eventually
 from tests.integration.registry_helpers import (
     EVENTS,

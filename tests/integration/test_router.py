@@ -16,10 +16,10 @@ from nats.aio.client import Client
 from nats.js import JetStreamContext
 
 from registry import protocol, query
-from registry.embedded import NatsServer
 from registry.protocol import Availability
-from registry.provision import provision
 from registry.router import Router
+from registry.server.embedded import NatsServer
+from registry.server.provision import provision
 from tests.conftest import eventually
 from tests.factories import make_avail
 
@@ -62,6 +62,14 @@ async def test_router_knows_every_worker_published_before_it_started(
         assert len(router) == 1000
         w7 = router.get("w0007")
         assert w7 is not None and w7.active_tasks == 1
+
+
+async def test_router_takes_several_server_urls_and_skips_a_dead_one(
+    nats_server: NatsServer, js: JetStreamContext
+) -> None:
+    await publish(js, make_avail("w1", event_seq=1))
+    async with await Router.connect(f"nats://127.0.0.1:1,{nats_server.url}") as router:
+        assert router.get("w1") is not None
 
 
 async def test_router_connect_without_the_stream_fails(nats_server: NatsServer) -> None:

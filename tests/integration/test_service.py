@@ -10,8 +10,8 @@ import pytest
 from nats.aio.client import Client
 from nats.micro.service import Service
 
-from registry.provision import provision
-from registry.service import start_service
+from registry.server.provision import provision
+from registry.server.service import start_service
 from tests.factories import FLEET, View, heartbeat, make_info, publish_events, register
 
 # ---------------------------------------------------------------- fixtures and helpers
@@ -187,4 +187,4 @@ async def test_history_of_an_unknown_worker_is_a_404(nc: Client, service: Servic
 async def test_history_marks_a_rejected_event(nc: Client, service: Service) -> None:
     await nc.jetstream().publish("worker.heartbeat.g1", b'{"v": 1}')
     [event] = (await ask(nc, "history", {"worker_id": "g1"}))["events"]
-    assert event["event"] is None and event["summary"].startswith("rejected: undecodable")
+    assert event["event"] is None and event["summary"].startswith("rejected: invalid heartbeat")

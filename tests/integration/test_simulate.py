@@ -16,7 +16,6 @@ from nats.aio.msg import Msg
 from nats.js import api
 
 from agent.simulate import SimSettings, simulate
-from registry.embedded import NatsServer
 from registry.protocol import (
     EVENTS_STREAM,
     Control,
@@ -26,7 +25,8 @@ from registry.protocol import (
     decode_event,
     encode,
 )
-from registry.provision import provision
+from registry.server.embedded import NatsServer
+from registry.server.provision import provision
 from tests.conftest import eventually
 
 ROOT = Path(__file__).resolve().parents[2]

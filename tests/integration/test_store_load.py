@@ -11,9 +11,9 @@ import pytest
 from nats.aio.client import Client
 
 from registry.protocol import encode
-from registry.provision import provision
+from registry.server.provision import provision
+from registry.server.store import Bucket
 from registry.share import Parts
-from registry.store import Bucket
 from tests.factories import make_info
 from tests.integration.registry_helpers import bounded
 

@@ -8,8 +8,8 @@ import pytest
 from nats.aio.msg import Msg
 from nats.errors import NotJSMessageError
 
-from registry.jsmeta import ack_meta
 from registry.protocol import GpuInfo, HardwareInfo, WorkerRegistration, encode
+from registry.server.jsmeta import ack_meta
 from registry.share import Parts
 from tests.factories import make_info
 

@@ -277,7 +277,7 @@ def test_environment_fills_in_missing_flags() -> None:
         (["--heartbeat-interval", "0"], "--heartbeat-interval"),
         (["--churn", "-1"], "--churn"),
         (["--duration", "-5"], "--duration"),
-        (["--nats", "localhost:4222"], "--nats"),
+        (["--nats", "http://localhost:4222"], "--nats"),
         (["--id-prefix", "a.b"], "--id-prefix"),
     ],
 )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import gc
 
-from registry.store import Entry
+from registry.server.store import Entry
 from registry.sweep import DeadlineHeap, ServerClock, brake_engaged, deadline, timeout_s
 from tests.factories import make_info
 

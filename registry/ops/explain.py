@@ -13,8 +13,8 @@ from typing import Any
 import msgspec
 
 from registry import fold, protocol, timeparse
+from registry.eventlog import StoredEvent
 from registry.protocol import WorkerInfo
-from registry.service import StoredEvent
 
 
 class Line(msgspec.Struct, frozen=True):

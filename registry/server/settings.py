@@ -6,6 +6,8 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from registry.connect import split_servers
+
 
 class RegistrySettings(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -33,6 +35,6 @@ class RegistrySettings(BaseModel):
     def _url(cls, v: str | None) -> str | None:
         if v is not None and not v.strip():
             return None
-        if v is not None and "://" not in v:
-            raise ValueError(f"not a NATS URL: {v!r} (expected e.g. nats://127.0.0.1:4222)")
+        if v is not None:
+            split_servers(v)  # NatsUrlError (a ValueError) names the bad one
         return v

@@ -24,9 +24,7 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js import api
 
-from registry import provision
 from registry.cancel import raise_if_cancelled
-from registry.consume import Puller
 from registry.fold import (
     Applied,
     Duplicate,
@@ -36,8 +34,6 @@ from registry.fold import (
     evolve,
     routing_key,
 )
-from registry.jsmeta import ack_meta
-from registry.pipeline import Pipeline, PublishFailed
 from registry.protocol import (
     BadEvent,
     Control,
@@ -49,10 +45,14 @@ from registry.protocol import (
     decode_event,
     encode,
 )
-from registry.provision import DEFAULT_NAMES, Names
-from registry.settings import RegistrySettings
+from registry.server import provision
+from registry.server.consume import Puller
+from registry.server.jsmeta import ack_meta
+from registry.server.pipeline import Pipeline, PublishFailed
+from registry.server.provision import DEFAULT_NAMES, Names
+from registry.server.settings import RegistrySettings
+from registry.server.store import Bucket, Entry, is_conflict
 from registry.share import Parts
-from registry.store import Bucket, Entry, is_conflict
 from registry.sweep import ServerClock
 
 log = structlog.get_logger("registry.projector")

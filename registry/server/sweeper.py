@@ -27,7 +27,6 @@ from nats.aio.client import Client
 from nats.js import api
 
 from registry.cancel import raise_if_cancelled
-from registry.pipeline import Pipeline
 from registry.protocol import (
     ExpiredEvent,
     LateEvent,
@@ -36,7 +35,8 @@ from registry.protocol import (
     event_subject,
     new_msg_id,
 )
-from registry.settings import RegistrySettings
+from registry.server.pipeline import Pipeline
+from registry.server.settings import RegistrySettings
 from registry.sweep import DeadlineHeap, Due, ServerClock, brake_engaged, deadline, timeout_s
 
 log = structlog.get_logger("registry.sweeper")

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import json
 
-import nats
 from nats.aio.client import Client
 
+from registry.connect import FAIL_FAST, NatsOptions, connect
 from registry.protocol import SERVICE_NAME
-from registry.provision import DEFAULT_NAMES, Names, api, config_diff, stream_configs
+from registry.server.provision import DEFAULT_NAMES, Names, api, config_diff, stream_configs
 
 
 class Unhealthy(Exception):
@@ -18,9 +18,10 @@ class Unhealthy(Exception):
 async def check(url: str, max_lag: int, timeout_s: float = 2.0, names: Names = DEFAULT_NAMES) -> str:
     """A one-line report of a healthy registry, or Unhealthy with the reason."""
     try:
-        nc = await nats.connect(url, connect_timeout=timeout_s, allow_reconnect=False,
-                                max_reconnect_attempts=1, reconnect_time_wait=0.1,
-                                error_cb=_quiet)  # fmt: skip
+        options = NatsOptions.of(
+            url, "registry-check", connect_timeout_s=timeout_s, reconnect=FAIL_FAST
+        )
+        nc = await connect(options, error_cb=_quiet)
     except Exception as e:  # noqa: BLE001 - any failure to connect is the answer
         raise Unhealthy(f"cannot connect to {url}: {str(e) or type(e).__name__}") from None
     try:

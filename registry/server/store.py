@@ -19,9 +19,9 @@ from nats.js.errors import (
     KeyWrongLastSequenceError,
 )
 
-from registry.jsmeta import ack_meta
-from registry.pipeline import PublishFailed
 from registry.protocol import BUCKET, WORKER_INFO_DECODER, WorkerInfo
+from registry.server.jsmeta import ack_meta
+from registry.server.pipeline import PublishFailed
 from registry.share import Parts
 
 log = structlog.get_logger("registry.store")

@@ -14,12 +14,9 @@ import asyncio
 import contextlib
 import json
 import os
-import signal
 import socket
 import sys
-import threading
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any, Final, NoReturn
 
@@ -30,18 +27,18 @@ import nats.js.errors
 from nats.aio.client import Client
 
 from registry import protocol, query, timeparse
-from registry.explain import explanation, replay, verdict
-from registry.protocol import WORKER_INFO_DECODER, WorkerCapability, WorkerInfo, WorkerStatus
-from registry.service import EventLogError, EventQuery, StoredEvent, read_events
-from registry.store import Bucket
+from registry.connect import FAIL_FAST, NatsOptions, NatsUrlError, connect
+from registry.eventlog import EventLogError, EventQuery, read_events
+from registry.ops import watch
+from registry.ops.explain import explanation, replay, verdict
+from registry.ops.render import events_table, workers_table
+from registry.protocol import WorkerCapability, WorkerInfo, WorkerStatus
+from registry.server.store import Bucket
 
 DEFAULT_URL: Final = "nats://127.0.0.1:4222"
 CONNECT_TIMEOUT_S: Final = 2.0
 SERVICE_TIMEOUT_S: Final = 0.5
 EXPLAIN_EVENTS: Final = 10_000
-COLUMNS: Final = (
-    "NAME", "ID", "CAPABILITY", "STATUS", "TASKS", "CPU%", "MEM%", "GPU%", "LAST HEARTBEAT", "HOST",
-)  # fmt: skip
 
 Command = Callable[[argparse.Namespace], Awaitable[int]]
 
@@ -193,11 +190,15 @@ async def connected(url: str) -> AsyncIterator[Client]:
         errors.append(e)
 
     try:
-        nc = await asyncio.wait_for(nats.connect(
-            url, connect_timeout=CONNECT_TIMEOUT_S, allow_reconnect=False,
-            max_reconnect_attempts=1, reconnect_time_wait=0.1, error_cb=remember,
-            name="registry-ops",
-        ), timeout=3 * CONNECT_TIMEOUT_S)  # fmt: skip
+        options = NatsOptions.of(
+            url, "registry-ops", connect_timeout_s=CONNECT_TIMEOUT_S, reconnect=FAIL_FAST
+        )
+    except NatsUrlError as e:
+        raise OpsError(str(e), code=2) from None
+    try:
+        nc = await asyncio.wait_for(
+            connect(options, error_cb=remember), timeout=3 * CONNECT_TIMEOUT_S
+        )
     except Exception as e:  # any failure to connect is one line
         raise OpsError(f"cannot reach NATS at {url}: {_why(errors[-1] if errors else e)}") from None
     try:
@@ -245,45 +246,6 @@ async def load_record(nc: Client, worker_id: str) -> WorkerInfo | None:
             f"no bucket {protocol.BUCKET!r}: has the registry been started here?"
         ) from None
     return entry.record if entry else None
-
-
-# ---------------------------------------------------------------- tables
-
-
-def column_widths(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> list[int]:
-    return [max(len(c) for c in col) for col in zip(headers, *rows, strict=False)]
-
-
-def line(cells: Sequence[str], widths: Sequence[int]) -> str:
-    return "   ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)).rstrip()
-
-
-def table(headers: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
-    rows = [list(r) for r in rows]
-    widths = column_widths(headers, rows)
-    return "\n".join(line(r, widths) for r in [headers, *rows])
-
-
-def status_text(r: WorkerInfo) -> str:
-    if r.offline_reason is not None:
-        return f"offline ({r.offline_reason})"
-    if r.live and r.status is WorkerStatus.ONLINE and not r.available:
-        return "online (full)"
-    return str(r.status)
-
-
-def worker_row(r: WorkerInfo, at: datetime) -> list[str]:
-    m, reg = r.metrics, r.registration
-    return [
-        reg.name, reg.worker_id, str(reg.capability), status_text(r),
-        f"{m.active_tasks}/{reg.max_concurrent_tasks}", f"{m.cpu_usage_percent:.0f}",
-        f"{m.memory_usage_percent:.0f}", f"{m.gpu_usage_percent:.0f}",
-        timeparse.format_age((at - r.last_heartbeat).total_seconds()), reg.location.hostname,
-    ]  # fmt: skip
-
-
-def workers_table(records: Iterable[WorkerInfo], at: datetime) -> str:
-    return table(COLUMNS, [worker_row(r, at) for r in records])
 
 
 # ---------------------------------------------------------------- workers, get, stats
@@ -367,14 +329,6 @@ async def _events(args: argparse.Namespace) -> int:
     return 0
 
 
-def events_table(events: Iterable[StoredEvent]) -> str:
-    rows = [
-        (str(e.seq), timeparse.format_instant(e.time), e.kind, e.worker_id, e.summary)
-        for e in events
-    ]
-    return table(("SEQ", "STORED", "KIND", "WORKER", "SUMMARY"), rows)
-
-
 # ---------------------------------------------------------------- explain
 
 
@@ -397,105 +351,20 @@ async def _explain(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------- watch
 
-REDRAW_S: Final = 0.25
-
 
 async def _watch(args: argparse.Namespace) -> int:
     f = filter_from(args)
     stop = asyncio.Event()
-    _stop_on_sigint(stop)
+    watch.stop_on_sigint(stop)
     async with connected(args.nats) as nc:
         records = await load_records(nc)
-        view = WatchView(records, f, tty=sys.stdout.isatty())
+        view = watch.WatchView(records, f, tty=sys.stdout.isatty())
         view.draw(now())
-        follower = asyncio.create_task(follow_bucket(nc, records, view))
+        follower = asyncio.create_task(watch.follow_bucket(nc, records, view))
         try:
-            await _until(stop, args.duration, view)
+            await watch.until(stop, args.duration, view)
         finally:
             follower.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await follower
     return 0
-
-
-def _stop_on_sigint(stop: asyncio.Event) -> None:
-    if threading.current_thread() is threading.main_thread():
-        asyncio.get_running_loop().add_signal_handler(signal.SIGINT, stop.set)
-
-
-async def _until(stop: asyncio.Event, duration: float | None, view: WatchView) -> None:
-    """Until SIGINT or the duration is over; a terminal is redrawn a few times a second."""
-    deadline = time.monotonic() + duration if duration else None
-    while not stop.is_set():
-        left = deadline - time.monotonic() if deadline else REDRAW_S
-        if left <= 0:
-            return
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), min(left, REDRAW_S))
-        view.tick(now())
-
-
-def watch_key(r: WorkerInfo) -> tuple[object, ...]:
-    """What a change line is printed for: not the load figures of every heartbeat."""
-    reg = r.registration
-    return (status_text(r), r.metrics.active_tasks, reg.max_concurrent_tasks, reg.name)
-
-
-class WatchView:
-    """Redrawn in place on a terminal; one appended row per change otherwise (`kubectl -w`)."""
-
-    def __init__(self, records: dict[str, WorkerInfo], f: query.Filter, tty: bool) -> None:
-        self.records = records
-        self.filter = f
-        self.changes = msgspec.structs.replace(f, include_offline=True)  # show who leaves
-        self.tty = tty
-        self.widths = [len(h) for h in COLUMNS]
-        self.dirty = False
-        self.drawn_at = 0.0
-
-    def draw(self, at: datetime) -> None:
-        shown = query.select(self.records.values(), self.filter)
-        rows = [worker_row(r, at) for r in shown]
-        self.widths = [
-            max(a, b) for a, b in zip(self.widths, column_widths(COLUMNS, rows), strict=True)
-        ]
-        text = "\n".join(line(r, self.widths) for r in [COLUMNS, *rows])
-        if self.tty:
-            head = f"registry watch   {len(shown)} workers   {at:%H:%M:%S} UTC   Ctrl-C to stop"
-            text = f"\x1b[H\x1b[2J{head}\n\n{text}"
-        print(text, flush=True)
-        self.dirty, self.drawn_at = False, time.monotonic()
-
-    def changed(self, before: WorkerInfo | None, after: WorkerInfo, at: datetime) -> None:
-        if self.tty:
-            self.dirty = True
-        elif query.matches(after, self.changes) and (
-            before is None or watch_key(before) != watch_key(after)
-        ):
-            print(line(worker_row(after, at), self.widths), flush=True)
-
-    def tick(self, at: datetime) -> None:
-        """On a terminal: redraw after changes, and every second for the ages."""
-        if self.tty and (self.dirty or time.monotonic() - self.drawn_at >= 1.0):
-            self.draw(at)
-
-
-async def follow_bucket(nc: Client, records: dict[str, WorkerInfo], view: WatchView) -> None:
-    """Every change of the bucket from now on, into `records` and onto the screen."""
-    kv = await nc.jetstream().key_value(protocol.BUCKET)
-    watcher = await kv.watchall()
-    try:
-        async for entry in watcher:
-            if entry is None:
-                continue
-            if entry.operation in ("DEL", "PURGE") or not entry.value:
-                records.pop(entry.key, None)
-                continue
-            with contextlib.suppress(msgspec.DecodeError):
-                record = WORKER_INFO_DECODER.decode(entry.value)
-                before = records.get(entry.key)
-                if before != record:
-                    records[entry.key] = record
-                    view.changed(before, record, now())
-    finally:
-        await watcher.stop()  # type: ignore[no-untyped-call]

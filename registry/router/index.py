@@ -1,52 +1,28 @@
-"""Router: follows `worker.available.>` into memory and answers pick() from it.
-
-Embed it in a dispatcher:
-
-    router = await Router.connect("nats://127.0.0.1:4222")
-    await router.ready()                      # the whole fleet as of now is known
-    worker = router.pick(capability="gpu", content_type="video")
-    if worker is not None:
-        send_job_to(worker.worker_id)         # your dispatch; the router holds a slot
-    await router.close()
+"""The router's index: pure, no NATS, clock passed in (see registry.router.client).
 
 The index groups workers by profile (capability and content types; a fleet
 has a handful) and, inside each, the available ones by load level in sorted
 order, so pick() costs a few dictionary look-ups whatever the size of the
-fleet. A pick holds one of the worker's free slots in this router until the
-worker's next availability update (or `hold_s`, or `release()`), so one router
-does not pile jobs onto the same worker between two heartbeats; ties are
-broken at random, so several routers spread over equally good workers instead
-of all choosing the same one.
+fleet. A pick holds one of the worker's free slots until the worker's next
+availability update (or `hold_s`, or `release()`), so one router does not pile
+jobs onto the same worker between two heartbeats; ties are broken at random,
+so several routers spread over equally good workers instead of all choosing
+the same one.
 
-Imports: `registry.protocol` and nats-py only.
+Imports: `registry.protocol` only.
 """
 
 from __future__ import annotations
 
-import asyncio
 import bisect
-import contextlib
 import heapq
 import random
-import time
-from collections.abc import AsyncIterator, Callable, Iterable
-from typing import Any, Final
+from collections.abc import Iterable
+from typing import Final
 
 import msgspec
-import nats
-import structlog
-from nats.aio.client import Client
-from nats.aio.msg import Msg
-from nats.js import JetStreamContext, api
 
-from registry.protocol import (
-    AVAILABILITY_DECODER,
-    AVAILABILITY_STREAM,
-    Availability,
-    WorkerCapability,
-)
-
-log = structlog.get_logger("registry.router")
+from registry.protocol import Availability
 
 LoadKey = tuple[float, int]
 """(busy fraction, -free slots): smaller is less loaded."""
@@ -57,7 +33,6 @@ _SERVED_BY: Final = {
     "hybrid": ("hybrid",),
 }
 _ALL_CAPABILITIES: Final = ("cpu", "gpu", "hybrid")
-_END: Final = object()
 
 
 class _Level:
@@ -327,159 +302,3 @@ class AvailabilityIndex:
         raise AssertionError("unreachable")
 
 
-async def _log_nats_error(e: Exception) -> None:
-    log.warning("nats_error", error=str(e) or type(e).__name__)
-
-
-class Router:
-    """A live, in-memory view of worker availability; pick() never touches the network."""
-
-    def __init__(
-        self,
-        nc: Client,
-        *,
-        stream: str = AVAILABILITY_STREAM,
-        subject: str = "worker.available.>",
-        hold_s: float = 10.0,
-        rng: random.Random | None = None,
-        idle_heartbeat_s: float = 1.0,
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
-        self.nc = nc
-        self.index = AvailabilityIndex(rng, hold_s)
-        self._stream = stream
-        self._subject = subject
-        self._heartbeat_s = idle_heartbeat_s
-        self._clock = clock
-        self._sub: JetStreamContext.PushSubscription | None = None
-        self._ready = asyncio.Event()
-        self._start_seq = 0
-        self._last_seq = 0
-        self._watchers: set[asyncio.Queue[object]] = set()
-        self._owns_connection = False
-        self._closed = False
-
-    @classmethod
-    async def connect(cls, url: str, **kwargs: Any) -> Router:
-        """Connect (reconnecting forever), start following, return without waiting for ready()."""
-        nc = await nats.connect(
-            url, max_reconnect_attempts=-1, reconnect_time_wait=0.25, name="worker-router",
-            error_cb=_log_nats_error,
-        )  # fmt: skip
-        router = cls(nc, **kwargs)
-        router._owns_connection = True
-        try:
-            await router.start()
-        except BaseException:
-            await nc.close()
-            raise
-        return router
-
-    async def __aenter__(self) -> Router:
-        await self.ready()
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.close()
-
-    async def start(self) -> None:
-        """Follow the stream: last value of every worker, then every change."""
-        if self._sub is not None:
-            return
-        js = self.nc.jetstream()
-        state = (await js.stream_info(self._stream)).state
-        self._start_seq = state.last_seq if state.messages else 0
-        if self._start_seq == 0:
-            self._ready.set()
-        self._sub = await js.subscribe(
-            self._subject, stream=self._stream, cb=self._on_msg, ordered_consumer=True,
-            deliver_policy=api.DeliverPolicy.LAST_PER_SUBJECT,
-            idle_heartbeat=self._heartbeat_s, pending_msgs_limit=-1, pending_bytes_limit=-1,
-        )  # fmt: skip
-
-    async def ready(self) -> None:
-        """Return once every worker's availability as of start() is in memory."""
-        await self.start()
-        await self._ready.wait()
-
-    @property
-    def is_ready(self) -> bool:
-        return self._ready.is_set()
-
-    @property
-    def last_seq(self) -> int:
-        """Stream sequence of the last availability message taken into the index."""
-        return self._last_seq
-
-    def pick(
-        self, capability: WorkerCapability | str | None = None, content_type: str | None = None
-    ) -> Availability | None:
-        """The least loaded available worker for the job, or None; holds one of its slots."""
-        return self.index.pick(capability, content_type, self._clock())
-
-    def available(
-        self, capability: WorkerCapability | str | None = None, content_type: str | None = None
-    ) -> list[Availability]:
-        return self.index.available(capability, content_type, self._clock())
-
-    def release(self, worker_id: str) -> bool:
-        """Return a held slot early (the job was refused or finished before an update)."""
-        return self.index.release(worker_id)
-
-    def get(self, worker_id: str) -> Availability | None:
-        return self.index.get(worker_id)
-
-    def snapshot(self) -> dict[str, Availability]:
-        """Every worker's last known availability (available or not)."""
-        return {wid: w.avail for wid, w in self.index.workers.items()}
-
-    def __len__(self) -> int:
-        return len(self.index)
-
-    async def changes(self) -> AsyncIterator[Availability]:
-        """Every change taken into the index from the first iteration on, until close().
-
-        Changes wait in an unbounded queue per iterator; iterate promptly."""
-        queue: asyncio.Queue[object] = asyncio.Queue()
-        self._watchers.add(queue)
-        try:
-            while (item := await queue.get()) is not _END:
-                assert isinstance(item, Availability)
-                yield item
-        finally:
-            self._watchers.discard(queue)
-
-    async def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        for queue in self._watchers:
-            queue.put_nowait(_END)
-        if self._sub is not None:
-            with contextlib.suppress(Exception):
-                await self._sub.unsubscribe()
-        if self._owns_connection:
-            await self.nc.close()
-
-    async def _on_msg(self, msg: Msg) -> None:
-        meta = msg.metadata
-        self._take(msg.subject, msg.data)
-        self._last_seq = meta.sequence.stream
-        if not self._ready.is_set() and (
-            meta.num_pending == 0 or meta.sequence.stream >= self._start_seq
-        ):
-            self._ready.set()
-
-    def _take(self, subject: str, data: bytes) -> None:
-        try:
-            avail = AVAILABILITY_DECODER.decode(data)
-        except msgspec.DecodeError as e:
-            log.warning("availability_undecodable", subject=subject, error=str(e))
-            return
-        if subject.rpartition(".")[2] != avail.worker_id:
-            log.warning("availability_id_mismatch", subject=subject, worker_id=avail.worker_id)
-            return
-        if self.index.update(avail):
-            taken = self.index.get(avail.worker_id)  # the index's own (shared) value
-            for queue in self._watchers:
-                queue.put_nowait(taken)

@@ -4,71 +4,23 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 
-import nats
 import structlog
 from nats.aio.client import Client
 
 from registry.cancel import raise_if_cancelled
-from registry.embedded import NatsServer
-from registry.projector import Projector
+from registry.connect import NatsOptions, connect_patiently
 from registry.protocol import WorkerInfo
-from registry.provision import provision
-from registry.service import start_service
-from registry.settings import RegistrySettings
+from registry.server.embedded import NatsServer
+from registry.server.projector import Projector
+from registry.server.provision import provision
+from registry.server.service import start_service
+from registry.server.settings import RegistrySettings
+from registry.server.sweeper import Sweeper
 from registry.sweep import ServerClock
-from registry.sweeper import Sweeper
 
 log = structlog.get_logger("registry.app")
-
-
-async def connect(url: str, name: str, first_timeout_s: float = 2.0) -> Client:
-    """Connect, retrying with backoff while the server is unreachable (and saying so).
-
-    With unlimited reconnects nats-py also retries the *first* connection forever,
-    silently, so this loop would never see a failure: the first connection may
-    retry once, and unlimited reconnects are switched on once connected.
-    """
-    backoff = 0.2
-    while True:
-        nc = Client()
-        try:
-            await nc.connect(
-                url, name=name, connect_timeout=first_timeout_s,  # type: ignore[arg-type]
-                max_reconnect_attempts=1,
-                reconnect_time_wait=0.5, allow_reconnect=True,  # type: ignore[arg-type]
-                disconnected_cb=_on_disconnected(nc, url),
-                reconnected_cb=_on_reconnected(url),
-                error_cb=_error_cb,
-            )  # fmt: skip
-        except (OSError, nats.errors.Error, TimeoutError) as e:
-            log.warning("nats_unreachable", url=url, error=str(e) or type(e).__name__,
-                        retry_in_s=round(backoff, 1))  # fmt: skip
-            await asyncio.sleep(backoff)
-            backoff = min(backoff * 2, 5.0)
-            continue
-        nc.options["max_reconnect_attempts"] = -1  # connected: from now on, reconnect forever
-        return nc
-
-
-def _on_disconnected(nc: Client, url: str) -> Callable[[], Awaitable[None]]:
-    async def cb() -> None:
-        if not nc.is_closed:  # our own drain or close is not news
-            log.warning("nats_disconnected", url=url)
-
-    return cb
-
-
-def _on_reconnected(url: str) -> Callable[[], Awaitable[None]]:
-    async def cb() -> None:
-        log.info("nats_reconnected", url=url)
-
-    return cb
-
-
-async def _error_cb(e: Exception) -> None:
-    log.debug("nats_error", error=str(e) or type(e).__name__)
 
 
 @contextlib.asynccontextmanager
@@ -129,7 +81,8 @@ async def serve(
     hands embedders and tests the running Registry (counters, records).
     """
     async with nats_endpoint(settings) as url:
-        nc = await connect(url, "worker-registry", settings.connect_timeout_s)
+        options = NatsOptions.of(url, "worker-registry", connect_timeout_s=settings.connect_timeout_s)
+        nc = await connect_patiently(options)
         try:
             await provision(nc, replicas=settings.replicas)
             registry = Registry(nc, settings)

@@ -1,0 +1,173 @@
+"""The one place that builds NATS connection options, for every client.
+
+The agent, the simulator, routers, the operator commands, `registry check` and
+the registry process all connect with `NatsOptions(...).kwargs()`: the server
+list (one URL, or several comma-separated for a cluster), a client name, the
+first connection's timeout, and the reconnect policy. Two policies cover them:
+
+- long-running clients reconnect forever; with jitter, each try waits the
+  interval plus a random part and goes to the least-failed server first, so a
+  fleet does not return to a restarted server in one herd;
+- one-shot commands (`FAIL_FAST`) never reconnect: one clear line instead.
+
+Credentials and TLS belong here too, so that every client gains them at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any, Final
+from urllib.parse import urlsplit
+
+import nats.errors
+import structlog
+from nats.aio.client import Client, Server
+
+log = structlog.get_logger("registry.connect")
+
+NATS_SCHEMES: Final = ("nats", "tls", "ws", "wss")
+DEFAULT_URL: Final = "nats://127.0.0.1:4222"
+
+
+class NatsUrlError(ValueError):
+    """A server list that is empty or holds something that is not a NATS URL."""
+
+
+def is_nats_url(url: str) -> bool:
+    parts = urlsplit(url if "://" in url else f"nats://{url}")
+    try:
+        return parts.scheme in NATS_SCHEMES and bool(parts.hostname) and parts.port != 0
+    except ValueError:  # a port that is not a number, or out of range
+        return False
+
+
+def split_servers(value: str | Sequence[str]) -> list[str]:
+    """`nats://a:4222,nats://b:4222` (or a list) -> the URLs; NatsUrlError if any is bad."""
+    parts = value.split(",") if isinstance(value, str) else value
+    urls = [url.strip() for url in parts if url.strip()]
+    if not urls:
+        raise NatsUrlError("no NATS server URL given")
+    for url in urls:
+        if not is_nats_url(url):
+            raise NatsUrlError(f"not a NATS URL: {url!r} (expected e.g. {DEFAULT_URL})")
+    return urls
+
+
+def redact(url: str) -> str:
+    """A server URL without credentials, for logs and messages."""
+    parts = urlsplit(url if "://" in url else f"nats://{url}")
+    return f"{parts.scheme}://{parts.hostname}:{parts.port or 4222}"
+
+
+@dataclass(frozen=True)
+class Reconnect:
+    """How a lost connection (and, for `forever`, a first one) is retried."""
+
+    forever: bool = True
+    wait_s: float = 0.5
+    jitter_s: float = 0.0
+
+
+FAIL_FAST: Final = Reconnect(forever=False, wait_s=0.1)
+
+
+@dataclass(frozen=True)
+class NatsOptions:
+    """Everything a client says to nats-py when it connects, built in one place."""
+
+    servers: tuple[str, ...]
+    name: str
+    connect_timeout_s: float = 2.0
+    reconnect: Reconnect = field(default_factory=Reconnect)
+    ping_interval_s: int | None = None  # None: the library's default
+
+    @classmethod
+    def of(cls, servers: str | Sequence[str], name: str, **kw: Any) -> NatsOptions:
+        return cls(servers=tuple(split_servers(servers)), name=name, **kw)
+
+    def kwargs(self, **extra: Any) -> dict[str, Any]:
+        """Keyword arguments for `nats.connect` / `Client.connect`; `extra` adds callbacks
+        and the odd client-specific setting (e.g. a larger pending buffer)."""
+        r = self.reconnect
+        options: dict[str, Any] = {
+            "servers": list(self.servers),
+            "name": self.name,
+            "connect_timeout": self.connect_timeout_s,
+            "allow_reconnect": r.forever,
+            "max_reconnect_attempts": -1 if r.forever else 1,
+            "reconnect_time_wait": r.wait_s,
+        }
+        if self.ping_interval_s is not None:
+            options["ping_interval"] = self.ping_interval_s
+        if r.forever and r.jitter_s > 0:
+            options["reconnect_to_server_handler"] = partial(_least_failed, r)
+        return options | extra
+
+
+async def connect(options: NatsOptions, **extra: Any) -> Client:
+    """A connected client (see `NatsOptions.kwargs` for `extra`)."""
+    nc = Client()
+    await nc.connect(**options.kwargs(**extra))
+    return nc
+
+
+async def connect_patiently(options: NatsOptions, **extra: Any) -> Client:
+    """Connect, retrying with backoff while no server answers (logged as
+    `nats_unreachable`), then reconnect forever; disconnects and reconnects are logged.
+
+    With unlimited reconnects nats-py also retries the *first* connection forever,
+    silently, so this loop would never see a failure: the first connection may
+    retry once, and unlimited reconnects are switched on once connected.
+    """
+    servers = ",".join(redact(url) for url in options.servers)
+    backoff = 0.2
+    while True:
+        nc = Client()
+        callbacks = {
+            "disconnected_cb": _on_disconnected(nc, servers),
+            "reconnected_cb": _on_reconnected(nc),
+            "error_cb": _on_error,
+        }
+        try:
+            await nc.connect(**options.kwargs(**(callbacks | extra), max_reconnect_attempts=1))
+        except (OSError, nats.errors.Error, TimeoutError) as e:
+            log.warning("nats_unreachable", url=servers, error=str(e) or type(e).__name__,
+                        retry_in_s=round(backoff, 1))  # fmt: skip
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, 5.0)
+            continue
+        if options.reconnect.forever:
+            nc.options["max_reconnect_attempts"] = -1  # connected: from now on, forever
+        return nc
+
+
+def _on_disconnected(nc: Client, servers: str) -> Callable[[], Awaitable[None]]:
+    async def cb() -> None:
+        if not nc.is_closed:  # our own drain or close is not news
+            log.warning("nats_disconnected", url=servers)
+
+    return cb
+
+
+def _on_reconnected(nc: Client) -> Callable[[], Awaitable[None]]:
+    async def cb() -> None:
+        url = nc.connected_url
+        log.info("nats_reconnected", url=redact(url.geturl()) if url else "?")
+
+    return cb
+
+
+async def _on_error(e: Exception) -> None:
+    log.debug("nats_error", error=str(e) or type(e).__name__)
+
+
+def _least_failed(
+    policy: Reconnect, servers: list[Server], _info: dict[str, Any]
+) -> tuple[Server, float]:
+    """The least-failed server, after the wait plus jitter (no herd after a restart)."""
+    delay = policy.wait_s + random.uniform(0.0, policy.jitter_s)
+    return min(servers, key=lambda server: server.reconnects), delay
