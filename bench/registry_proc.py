@@ -58,7 +58,7 @@ async def report(registry: Registry, every_s: float) -> None:
     while True:
         status = {
             "t": time.time(),
-            "caught_up": registry.projector.caught_up.is_set(),
+            "caught_up": registry.link.is_caught_up,
             "sweeping": registry.sweeper.started,
             "records": len(registry.records()),
             "rss": me.memory_info().rss,

@@ -13,6 +13,7 @@ from registry.cancel import raise_if_cancelled
 from registry.connect import NatsOptions, connect_patiently
 from registry.protocol import WorkerInfo
 from registry.server.embedded import NatsServer
+from registry.server.link import Link
 from registry.server.projector import Projector
 from registry.server.provision import provision
 from registry.server.service import start_service
@@ -44,10 +45,9 @@ class Registry:
 
     def __init__(self, nc: Client, settings: RegistrySettings) -> None:
         self.clock = ServerClock()
-        self.projector = Projector(nc, settings, self.clock)
-        self.sweeper = Sweeper(
-            nc, settings, self.clock, self.projector.records, self.projector.caught_up
-        )
+        self.link = Link(nc)
+        self.projector = Projector(self.link, settings, self.clock)
+        self.sweeper = Sweeper(self.link, settings, self.clock, self.projector.records)
         self.projector.on_change = self.sweeper.observe
         self.projector.on_reset = self.sweeper.reset
 

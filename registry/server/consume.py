@@ -14,9 +14,10 @@ import json
 import time
 from collections import deque
 
-from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
+
+from registry.server.link import Link
 
 EXPIRES_S = 5.0
 
@@ -26,8 +27,9 @@ class ConsumerGone(Exception):
 
 
 class Puller:
-    def __init__(self, nc: Client, stream: str, durable: str, batch: int) -> None:
-        self.nc = nc
+    def __init__(self, link: Link, stream: str, durable: str, batch: int) -> None:
+        self.link = link
+        self.nc = nc = link.nc
         self.batch = batch
         self._next = f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{durable}"
         self._inbox = nc.new_inbox()
@@ -37,7 +39,7 @@ class Puller:
         self._requested_at = 0.0
         self._wake = asyncio.Event()
         self._gone: str | None = None
-        self._reconnects = nc.stats["reconnects"]
+        self._epoch = link.epoch
 
     async def start(self) -> None:
         self._sub = await self.nc.subscribe(
@@ -61,7 +63,7 @@ class Puller:
                 pass
         if self._gone is not None:
             raise ConsumerGone(self._gone)
-        if self.nc.stats["reconnects"] != self._reconnects:
+        if self.link.reconnected_since(self._epoch):
             # our pull requests died with the old connection, and while we were away
             # heartbeats could not be stored: resync, so the sweeper waits for the
             # backlog and grants grace, as after a restart

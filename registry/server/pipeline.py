@@ -14,9 +14,10 @@ import contextlib
 from collections.abc import Callable
 
 import msgspec
-from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
+
+from registry.server.link import Link
 
 OnAck = Callable[[int], None]
 
@@ -47,8 +48,9 @@ class PublishFailed(Exception):
 
 
 class Pipeline:
-    def __init__(self, nc: Client) -> None:
-        self.nc = nc
+    def __init__(self, link: Link) -> None:
+        self.link = link
+        self.nc = link.nc
         self._prefix = ""
         self._sub: Subscription | None = None
         self._next = 0
@@ -81,14 +83,14 @@ class Pipeline:
         Acks of publishes sent before a reconnect never come: that is noticed
         within a tenth of a second rather than at the timeout.
         """
-        reconnects = self.nc.stats["reconnects"]
+        epoch = self.link.epoch
         try:
             async with asyncio.timeout(timeout_s):
                 while not self._idle.is_set():
                     with contextlib.suppress(TimeoutError):
                         async with asyncio.timeout(0.1):
                             await self._idle.wait()
-                    if self.nc.stats["reconnects"] != reconnects or not self.nc.is_connected:
+                    if self.link.lost_since(epoch):
                         raise ConnectionError("connection lost with publishes in flight")
         except (TimeoutError, ConnectionError):
             self._pending.clear()

@@ -20,7 +20,6 @@ from functools import partial
 
 import msgspec
 import structlog
-from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js import api
 
@@ -48,6 +47,7 @@ from registry.protocol import (
 from registry.server import provision
 from registry.server.consume import Puller
 from registry.server.jsmeta import ack_meta
+from registry.server.link import Link
 from registry.server.pipeline import Pipeline, PublishFailed
 from registry.server.provision import DEFAULT_NAMES, Names
 from registry.server.settings import RegistrySettings
@@ -108,25 +108,26 @@ class _Batch:
 class Projector:
     def __init__(
         self,
-        nc: Client,
+        link: Link,
         settings: RegistrySettings,
         clock: ServerClock,
         names: Names = DEFAULT_NAMES,
         on_change: Callable[[WorkerInfo], None] = lambda r: None,
         on_reset: Callable[[Mapping[str, WorkerInfo]], None] = lambda r: None,
     ) -> None:
-        self.nc = nc
+        self.link = link
+        self.nc = nc = link.nc
         self.js = nc.jetstream()
         self.settings = settings
         self.clock = clock
         self.names = names
         self.bucket = Bucket(nc, names.bucket)
-        self.pipeline = Pipeline(nc)
+        self.pipeline = Pipeline(link)
         self.parts = Parts()  # one copy of what the fleet's registrations repeat
         self.entries: dict[str, Entry] = {}
         self.tombstones: dict[str, int] = {}
         self.counters = Counters()
-        self.caught_up = asyncio.Event()
+        self._epoch = link.epoch  # the epoch this projector last synced in
         self.on_change = on_change
         self.on_reset = on_reset
         self._last_control: dict[str, float] = {}
@@ -168,7 +169,8 @@ class Projector:
                 backoff = min(backoff * 2, 2.0)
 
     async def _sync(self) -> None:
-        self.caught_up.clear()
+        self.link.fell_behind()
+        self._epoch = self.link.epoch
         await provision.provision(self.nc, self.names, self.settings.replicas)  # a lost store
         self.entries, self.tombstones = await self.bucket.load_all(share=self.parts)
         floor = await provision.consumer_ack_floor(self.nc, self.names)
@@ -179,7 +181,7 @@ class Projector:
 
     async def _consume(self) -> None:
         size = self.settings.batch_size
-        puller = Puller(self.nc, self.names.events, self.names.consumer, batch=size)
+        puller = Puller(self.link, self.names.events, self.names.consumer, batch=size)
         await puller.start()
         try:
             while True:
@@ -196,7 +198,7 @@ class Projector:
         self.counters.pending = 0
         self.counters.lag_s = 0.0
         await self.sync_clock()
-        self.caught_up.set()
+        self.link.caught_up(self._epoch)
         await self._purge_offline()
 
     async def sync_clock(self) -> None:
@@ -221,7 +223,7 @@ class Projector:
         self.counters.pending = last.pending
         self.counters.lag_s = max(0.0, self.clock.now(time.monotonic()) - last.stored_ns / 1e9)
         if last.pending == 0:
-            self.caught_up.set()
+            self.link.caught_up(self._epoch)
 
     def _fold_one(self, msg: Msg, batch: _Batch) -> None:
         meta = ack_meta(msg)

@@ -23,7 +23,6 @@ from datetime import UTC, datetime
 from functools import partial
 
 import structlog
-from nats.aio.client import Client
 from nats.js import api
 
 from registry.cancel import raise_if_cancelled
@@ -35,6 +34,7 @@ from registry.protocol import (
     event_subject,
     new_msg_id,
 )
+from registry.server.link import Link
 from registry.server.pipeline import Pipeline
 from registry.server.settings import RegistrySettings
 from registry.sweep import DeadlineHeap, Due, ServerClock, brake_engaged, deadline, timeout_s
@@ -43,7 +43,6 @@ log = structlog.get_logger("registry.sweeper")
 
 MAX_SLEEP_S = 1.0
 PUBLISH_TIMEOUT_S = 5.0
-DISCONNECTED_RECHECK_S = 0.1
 HOLD_RECHECK_S = 1.0
 HOLD_LOG_EVERY_S = 5.0
 
@@ -51,21 +50,18 @@ HOLD_LOG_EVERY_S = 5.0
 class Sweeper:
     def __init__(
         self,
-        nc: Client,
+        link: Link,
         settings: RegistrySettings,
         clock: ServerClock,
         records: Callable[[], Mapping[str, WorkerInfo]],
-        caught_up: asyncio.Event,
     ) -> None:
-        self.nc = nc
-        self.js = nc.jetstream()
+        self.link = link
         self.settings = settings
         self.clock = clock
         self.records = records
-        self.caught_up = caught_up
         self.heap = DeadlineHeap()
         self.late_heap = DeadlineHeap()
-        self.started = False
+        self.judging_in: int | None = None  # the epoch whose grace the heaps were built with
         self.expiries_published = 0
         self.lates_published = 0
         self.expiries_held = 0
@@ -74,8 +70,12 @@ class Sweeper:
         self._silent: dict[str, float] = {}  # past their late deadline: id -> judged heartbeat
         self._last_hold_log = 0.0
         self._wake = asyncio.Event()
-        self.pipeline = Pipeline(nc)
-        self._reconnects = nc.stats["reconnects"]
+        self.pipeline = Pipeline(link)
+
+    @property
+    def started(self) -> bool:
+        """Judging: the heaps hold every live worker's deadlines."""
+        return self.judging_in is not None
 
     def timeout_of(self, record: WorkerInfo) -> float:
         s = self.settings
@@ -95,7 +95,7 @@ class Sweeper:
 
     def reset(self, records: Mapping[str, WorkerInfo]) -> None:
         """The projector reloaded the bucket: judge nobody until caught up again."""
-        self.started = False
+        self.judging_in = None
         self.heap = DeadlineHeap()
         self.late_heap = DeadlineHeap()
 
@@ -127,32 +127,24 @@ class Sweeper:
                 await self.pipeline.stop()
 
     async def _loop(self) -> None:
+        """Judge while the projector is caught up in the current epoch. A lost connection
+        (nobody could beat meanwhile) or a reload starts over: wait for the backlog to be
+        folded, then grant grace again."""
         while True:
             raise_if_cancelled()
-            if not self.nc.is_connected or self._reconnected():  # nobody could beat: judge nobody
-                await asyncio.sleep(DISCONNECTED_RECHECK_S)
-                continue
-            await self.caught_up.wait()
-            if not self.started:
-                self._start_grace()
+            if self.judging_in is not None and self.link.reconnected_since(self.judging_in):
+                log.info("sweeper_paused_after_reconnect")
+                self.reset({})
+            epoch = await self.link.wait_caught_up()
+            if self.judging_in != epoch:
+                self._start_grace(epoch)
             await self._sleep_until_due()
-            if self.caught_up.is_set() and not self._reconnected():
+            if self.link.is_caught_up and self.link.epoch == epoch == self.judging_in:
                 await self._judge()
 
-    def _reconnected(self) -> bool:
-        """After a lost connection, wait for the projector's backlog and grant grace again."""
-        reconnects = self.nc.stats["reconnects"]
-        if reconnects == self._reconnects:
-            return False
-        self._reconnects = reconnects
-        self.reset({})
-        self.caught_up.clear()  # set again by the projector once it has caught up
-        log.info("sweeper_paused_after_reconnect")
-        return True
-
-    def _start_grace(self) -> None:
+    def _start_grace(self, epoch: int) -> None:
         now = self.clock.now(time.monotonic())
-        self.started = True
+        self.judging_in = epoch
         self.heap = DeadlineHeap()
         self.late_heap = DeadlineHeap()
         self._silent.clear()

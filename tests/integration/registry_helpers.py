@@ -308,7 +308,7 @@ async def running_registry(
     assert made, "registry did not start within 10 s"
     try:
         if caught_up:
-            await asyncio.wait_for(made[0].projector.caught_up.wait(), 10.0)
+            await asyncio.wait_for(made[0].link.wait_caught_up(), 10.0)
         yield made[0]
     finally:
         await stop_task(task, "serve()")
