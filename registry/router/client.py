@@ -11,7 +11,7 @@ Embed it in a dispatcher:
 
 What it decides with is the pure index in registry.router.index.
 
-Imports: `registry.protocol`, the index and nats-py only.
+Imports: `registry.protocol`, `registry.lastvalues`, the index and nats-py only.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext, api
 
 from registry.connect import NatsOptions, Reconnect, connect
+from registry.lastvalues import Arrivals, stream_keys
 from registry.protocol import (
     AVAILABILITY_DECODER,
     AVAILABILITY_STREAM,
@@ -68,8 +69,8 @@ class Router:
         self._heartbeat_s = idle_heartbeat_s
         self._clock = clock
         self._sub: JetStreamContext.PushSubscription | None = None
-        self._ready = asyncio.Event()
-        self._start_seq = 0
+        self._prefix = subject.removesuffix(">")
+        self._arrivals = Arrivals()  # the workers listed at start(), until each has come
         self._last_seq = 0
         self._watchers: set[asyncio.Queue[object]] = set()
         self._owns_connection = False
@@ -102,25 +103,23 @@ class Router:
         """Follow the stream: last value of every worker, then every change."""
         if self._sub is not None:
             return
-        js = self.nc.jetstream()
-        state = (await js.stream_info(self._stream)).state
-        self._start_seq = state.last_seq if state.messages else 0
-        if self._start_seq == 0:
-            self._ready.set()
-        self._sub = await js.subscribe(
+        self._sub = await self.nc.jetstream().subscribe(
             self._subject, stream=self._stream, cb=self._on_msg, ordered_consumer=True,
             deliver_policy=api.DeliverPolicy.LAST_PER_SUBJECT,
             idle_heartbeat=self._heartbeat_s, pending_msgs_limit=-1, pending_bytes_limit=-1,
         )  # fmt: skip
+        # ready once every worker the stream lists now has come by (its value then, or a
+        # newer one); not at "nothing pending", which a busy stream says too early
+        self._arrivals.expect(await stream_keys(self.nc, self._stream, self._prefix))
 
     async def ready(self) -> None:
         """Return once every worker's availability as of start() is in memory."""
         await self.start()
-        await self._ready.wait()
+        await self._arrivals.wait()
 
     @property
     def is_ready(self) -> bool:
-        return self._ready.is_set()
+        return self._arrivals.is_done
 
     @property
     def last_seq(self) -> int:
@@ -178,13 +177,10 @@ class Router:
             await self.nc.close()
 
     async def _on_msg(self, msg: Msg) -> None:
-        meta = msg.metadata
         self._take(msg.subject, msg.data)
-        self._last_seq = meta.sequence.stream
-        if not self._ready.is_set() and (
-            meta.num_pending == 0 or meta.sequence.stream >= self._start_seq
-        ):
-            self._ready.set()
+        self._last_seq = msg.metadata.sequence.stream
+        if not self._arrivals.is_done:
+            self._arrivals.came(msg.subject[len(self._prefix) :])
 
     def _take(self, subject: str, data: bytes) -> None:
         try:

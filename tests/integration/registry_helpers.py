@@ -30,7 +30,7 @@ from nats.js.errors import NotFoundError
 from registry.cancel import raise_if_cancelled
 from registry.server import app
 from registry.server.settings import RegistrySettings
-from registry.server.store import is_deleted, read_last_values
+from registry.lastvalues import is_deleted, read_last_values
 from tests.conftest import eventually, stop_task
 
 P = ParamSpec("P")
@@ -187,7 +187,7 @@ async def publish(
 async def bucket_records(js: JetStreamContext) -> dict[str, dict[str, Any]]:
     """Every current value of bucket `workers`, as decoded JSON.
 
-    Read the way the registry reads the bucket (`registry.store.read_last_values`,
+    Read the way the registry reads the bucket (`registry.lastvalues.read_last_values`,
     on the connection behind `js`): every key the stream lists, even while the
     registry writes. Not with nats-py's `kv.keys()` (it signals "no more keys"
     from consumer info, and returns none when the server pushed every key before

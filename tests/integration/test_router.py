@@ -72,6 +72,32 @@ async def test_router_takes_several_server_urls_and_skips_a_dead_one(
         assert router.get("w1") is not None
 
 
+async def test_router_is_ready_only_with_every_worker_while_availability_changes(
+    nats_server: NatsServer, js: JetStreamContext
+) -> None:
+    """ready() means every worker listed at start() is in the index, even while the
+    registry keeps announcing changes (a worker whose message is replaced before it
+    is delivered comes after a message that says nothing is pending)."""
+    ids = [f"w{i:03d}" for i in range(400)]
+    await publish(js, *(make_avail(w, event_seq=1) for w in ids))
+    stop = asyncio.Event()
+
+    async def announce() -> None:
+        rng, seq = random.Random(4), 1
+        while not stop.is_set():
+            seq += 1
+            await publish(js, *(make_avail(w, event_seq=seq) for w in rng.sample(ids, 50)))
+
+    announcer = asyncio.create_task(announce())
+    try:
+        for _ in range(20):
+            async with await Router.connect(nats_server.url) as router:
+                assert len(router) == len(ids)
+    finally:
+        stop.set()
+        await announcer
+
+
 async def test_router_connect_without_the_stream_fails(nats_server: NatsServer) -> None:
     with pytest.raises(nats.js.errors.NotFoundError):
         await Router.connect(nats_server.url)

@@ -1,0 +1,136 @@
+"""Reading the last message of every subject of a stream, completely, while others write.
+
+A KV bucket (one key per subject, history 1) and WORKER_AVAILABILITY (one
+message kept per worker) are both read this way: a consumer that delivers the
+last message per subject, then every newer one. When is the read complete? Not
+at the first message that says nothing is pending: while someone writes, a
+subject whose message is replaced before its delivery comes later, after a
+message that said 0 pending (seen: 9 of 30 reads of a 400-key bucket beside a
+writer came back short). Instead the stream's subject list is taken just after
+the consumer is made, and the read is complete once each listed subject has
+come by (its message then, or a newer one).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import Callable
+
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.js import api
+from nats.js.errors import APIError
+
+
+def is_deleted(msg: Msg) -> bool:
+    """A KV delete or purge marker."""
+    return (msg.headers or {}).get("KV-Operation") in ("DEL", "PURGE")
+
+
+async def read_last_values(
+    nc: Client, stream: str, prefix: str, take: Callable[[str, Msg], None],
+    idle_timeout_s: float = 10.0,
+) -> None:  # fmt: skip
+    """`take(key, msg)` for the last message of every subject under `prefix` (the key
+    is the rest of the subject), and for any newer message that comes before the
+    read is complete: a key can come twice, the later message being the newer. It
+    gives up when nothing arrives for `idle_timeout_s` (not after a fixed total,
+    which a large enough stream would exceed)."""
+    waiting = Arrivals()
+
+    async def cb(msg: Msg) -> None:
+        # an exception here would go to nats-py's error callback, not to us
+        key = msg.subject[len(prefix) :]
+        try:
+            take(key, msg)
+        except Exception as e:  # noqa: BLE001 - re-raised below
+            waiting.fail(e)
+            return
+        waiting.came(key)
+
+    sub = await nc.jetstream().subscribe(
+        f"{prefix}>", stream=stream, ordered_consumer=True, cb=cb,
+        deliver_policy=api.DeliverPolicy.LAST_PER_SUBJECT, idle_heartbeat=1.0,
+        pending_msgs_limit=-1, pending_bytes_limit=-1,
+    )  # fmt: skip
+    try:
+        waiting.expect(await stream_keys(nc, stream, prefix))
+        await waiting.done(idle_timeout_s, stream)
+    finally:
+        await sub.unsubscribe()
+
+
+async def stream_keys(nc: Client, stream: str, prefix: str) -> set[str]:
+    """Every key a stream holds now under `prefix` (a KV bucket's deleted keys too):
+    its subject list without the prefix, page by page (the server sends at most
+    100,000 subjects per answer)."""
+    keys: set[str] = set()
+    offset = 0
+    while True:
+        body = json.dumps({"subjects_filter": f"{prefix}>", "offset": offset}).encode()
+        msg = await nc.request(f"$JS.API.STREAM.INFO.{stream}", body, timeout=10.0)
+        info = json.loads(msg.data)
+        if "error" in info:
+            raise APIError.from_error(info["error"])
+        page = info["state"].get("subjects") or {}
+        keys.update(subject[len(prefix) :] for subject in page)
+        offset += len(page)
+        if not page or offset >= info.get("total", 0):
+            return keys
+
+
+class Arrivals:
+    """Which listed keys have not come by yet; done once none is left (or a take failed).
+
+    Keys that come before the listing is known are remembered and struck off it."""
+
+    def __init__(self) -> None:
+        self.seen: set[str] | None = set()  # before the listing: every key that came
+        self.missing: set[str] = set()
+        self.taken = 0
+        self.failed: Exception | None = None
+        self._done = asyncio.Event()
+
+    def came(self, key: str) -> None:
+        self.taken += 1
+        if self.seen is not None:
+            self.seen.add(key)
+            return
+        self.missing.discard(key)
+        if not self.missing:
+            self._done.set()
+
+    def expect(self, keys: set[str]) -> None:
+        assert self.seen is not None
+        self.missing, self.seen = keys - self.seen, None
+        if not self.missing:
+            self._done.set()
+
+    def fail(self, error: Exception) -> None:
+        self.failed = error
+        self._done.set()
+
+    @property
+    def is_done(self) -> bool:
+        return self._done.is_set()
+
+    async def wait(self) -> None:
+        await self._done.wait()
+
+    async def done(self, idle_timeout_s: float, stream: str) -> None:
+        """Wait, bounded by progress rather than by the bucket's size."""
+        seen = -1
+        while not self._done.is_set():
+            if self.taken == seen:
+                raise TimeoutError(
+                    f"reading {stream}: nothing for {idle_timeout_s} s with "
+                    f"{len(self.missing)} keys still to come after {self.taken} values"
+                )
+            seen = self.taken
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(idle_timeout_s):
+                    await self._done.wait()
+        if self.failed is not None:
+            raise self.failed
