@@ -27,7 +27,8 @@ class ConsumerGone(Exception):
 
 
 class Puller:
-    def __init__(self, link: Link, stream: str, durable: str, batch: int) -> None:
+    def __init__(self, link: Link, epoch: int, stream: str, durable: str, batch: int) -> None:
+        """`epoch`: the one the consumer was positioned in; a later one means resync."""
         self.link = link
         self.nc = nc = link.nc
         self.batch = batch
@@ -39,7 +40,7 @@ class Puller:
         self._requested_at = 0.0
         self._wake = asyncio.Event()
         self._gone: str | None = None
-        self._epoch = link.epoch
+        self._epoch = epoch
 
     async def start(self) -> None:
         self._sub = await self.nc.subscribe(

@@ -58,6 +58,7 @@ class Pipeline:
         self._idle = asyncio.Event()
         self._idle.set()
         self._failure: Exception | None = None
+        self._epoch = link.epoch  # of the oldest publish in flight
 
     async def start(self) -> None:
         self._prefix = self.nc.new_inbox()
@@ -71,6 +72,8 @@ class Pipeline:
     async def publish(
         self, subject: str, data: bytes, headers: dict[str, str], on_ack: OnAck | None = None
     ) -> None:
+        if not self._pending:
+            self._epoch = self.link.epoch
         self._next += 1
         token = str(self._next)
         self._pending[token] = (subject, on_ack)
@@ -83,7 +86,7 @@ class Pipeline:
         Acks of publishes sent before a reconnect never come: that is noticed
         within a tenth of a second rather than at the timeout.
         """
-        epoch = self.link.epoch
+        epoch = self._epoch
         try:
             async with asyncio.timeout(timeout_s):
                 while not self._idle.is_set():

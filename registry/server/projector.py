@@ -181,7 +181,7 @@ class Projector:
 
     async def _consume(self) -> None:
         size = self.settings.batch_size
-        puller = Puller(self.link, self.names.events, self.names.consumer, batch=size)
+        puller = Puller(self.link, self._epoch, self.names.events, self.names.consumer, size)
         await puller.start()
         try:
             while True:
