@@ -100,6 +100,7 @@ class Arrivals:
             return
         self.missing.discard(key)
         if not self.missing:
+            self.missing = set()  # an emptied set keeps its table: let it go
             self._done.set()
 
     def expect(self, keys: set[str]) -> None:
