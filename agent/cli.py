@@ -25,6 +25,7 @@ from agent.agent import Agent, AgentError
 from agent.probe import Prober
 from agent.settings import AgentSettings, existing_path
 from registry import protocol
+from registry.connect import AUTH_OPTIONS
 
 log = structlog.get_logger("agent.cli")
 
@@ -40,6 +41,7 @@ OPTIONS: dict[str, tuple[str, str]] = {
     "heartbeat_interval_s": ("--heartbeat-interval", "AGENT_HEARTBEAT_INTERVAL"),
     "disk_path": ("--disk-path", "AGENT_DISK_PATH"),
     "port": ("--port", "AGENT_PORT"),
+    **{field: (flag, env) for field, (flag, env, _) in AUTH_OPTIONS.items()},
 }
 HELP: dict[str, str] = {
     "nats_url": "server URL; comma-separate several (default nats://127.0.0.1:4222)",
@@ -51,6 +53,7 @@ HELP: dict[str, str] = {
     "tags": "key=value, repeatable",
     "heartbeat_interval_s": "seconds between heartbeats (default 5)",
     "disk_path": "path whose filesystem the worker uses (default .)",
+    **{field: text for field, (_, _, text) in AUTH_OPTIONS.items()},
 }
 RUN_FIELDS = tuple(OPTIONS)
 PROBE_FIELDS = ("disk_path", "port")
@@ -128,7 +131,9 @@ def _value(field: str, value: Any, environ: Mapping[str, str]) -> Any:
 def _describe(error: ValidationError) -> str:
     """The first validation error as one line naming the flag and its variable."""
     first = error.errors()[0]
-    field = str(first["loc"][0]) if first["loc"] else ""
+    if not first["loc"]:  # a rule over several fields: its message names them
+        return str(first["msg"]).removeprefix("Value error, ")
+    field = str(first["loc"][0])
     flag, env = OPTIONS.get(field, (field, ""))
     if first["type"] == "missing":
         return f"{flag} is required (or set {env})"

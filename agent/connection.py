@@ -61,7 +61,7 @@ class Connection:
         reconnect = Reconnect(wait_s=self.s.reconnect_wait_s, jitter_s=self.s.reconnect_jitter_s)
         options = NatsOptions.of(
             self.s.servers, f"worker-agent {self.worker_id}", reconnect=reconnect,
-            ping_interval_s=10,
+            ping_interval_s=10, auth=self.s.auth,
         )  # fmt: skip
         return options.kwargs(
             drain_timeout=int(DRAIN_TIMEOUT_S), max_outstanding_pings=2,

@@ -11,13 +11,13 @@ import hashlib
 import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Final
+from typing import Final, Self
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from agent.probe import Prober
 from registry import protocol
-from registry.connect import split_servers
+from registry.connect import Auth, split_servers
 from registry.protocol import WorkerCapability
 
 _UNSAFE_ID_CHARS: Final = re.compile(r"[^A-Za-z0-9_-]+")
@@ -52,7 +52,26 @@ def existing_path(value: str) -> str:
     return value
 
 
-class AgentSettings(BaseModel):
+class AuthFields(BaseModel):
+    """Credentials, nkey and TLS files (`registry.connect.Auth`), checked at once."""
+
+    creds: str | None = None
+    nkey: str | None = None
+    tls_ca: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+
+    @model_validator(mode="after")
+    def _auth_files(self) -> Self:
+        self.auth  # noqa: B018 - AuthError (a ValueError) says which file and why
+        return self
+
+    @property
+    def auth(self) -> Auth:
+        return Auth(self.creds, self.nkey, self.tls_ca, self.tls_cert, self.tls_key)
+
+
+class AgentSettings(AuthFields):
     """Everything a person configures about an agent, validated once."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")

@@ -17,6 +17,7 @@ from typing import Any
 import pydantic
 
 from registry import logs
+from registry.connect import AuthError, add_auth_arguments, auth_from_args
 from registry.ops.commands import add_commands
 from registry.server.embedded import ServerError
 from registry.server.provision import ProvisionError
@@ -55,6 +56,7 @@ def add_up(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                    help="stream and bucket replicas on a cluster (default 1)")
     p.add_argument("--log-level", default=os.environ.get("LOG_LEVEL", "info"),
                    choices=["debug", "info", "warning", "error"])
+    add_auth_arguments(p)
     p.set_defaults(run=run_up)
 
 
@@ -63,7 +65,7 @@ def settings_from(args: argparse.Namespace) -> RegistrySettings:
         nats_url=args.nats, port=args.port, data_dir=args.data_dir,
         timeout_floor_s=args.timeout_floor, timeout_factor=args.timeout_factor,
         late_factor=args.late_factor, brake_fraction=args.brake_fraction,
-        retention_s=args.retention, replicas=args.replicas,
+        retention_s=args.retention, replicas=args.replicas, auth=auth_from_args(args),
     )  # fmt: skip
 
 
@@ -72,6 +74,9 @@ def run_up(args: argparse.Namespace) -> int:
         settings = settings_from(args)
     except pydantic.ValidationError as e:
         return _bad_args(e)
+    except AuthError as e:
+        print(f"registry: {e}", file=sys.stderr)
+        return 2
     logs.configure(args.log_level)
     from registry.server.app import serve
 
@@ -115,6 +120,7 @@ def add_check(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--max-lag", type=int, default=1000,
                    help="most events the projector may be behind (default 1000)")
     p.add_argument("--timeout", type=float, default=2.0, help="seconds per step (default 2)")
+    add_auth_arguments(p)
     p.set_defaults(run=run_check)
 
 
@@ -122,7 +128,12 @@ def run_check(args: argparse.Namespace) -> int:
     from registry.ops.check import Unhealthy, check
 
     try:
-        print(asyncio.run(check(args.nats, args.max_lag, args.timeout)))
+        auth = auth_from_args(args)
+    except AuthError as e:
+        print(f"registry check: {e}", file=sys.stderr)
+        return 2
+    try:
+        print(asyncio.run(check(args.nats, args.max_lag, args.timeout, auth=auth)))
     except Unhealthy as e:
         print(f"registry check: {e}", file=sys.stderr)
         return 1

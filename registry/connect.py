@@ -10,14 +10,20 @@ first connection's timeout, and the reconnect policy. Two policies cover them:
   fleet does not return to a restarted server in one herd;
 - one-shot commands (`FAIL_FAST`) never reconnect: one clear line instead.
 
-Credentials and TLS belong here too, so that every client gains them at once.
+How a client proves who it is (`Auth`: a credentials file or an nkey seed) and
+its TLS files come from the same flags and environment variables everywhere
+(`AUTH_OPTIONS`: `--creds`, `--nkey`, `--tls-ca`, `--tls-cert`, `--tls-key`, as
+the `nats` CLI names them), checked before anything connects.
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
+import os
 import random
-from collections.abc import Awaitable, Callable, Sequence
+import ssl
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Final
@@ -63,6 +69,88 @@ def redact(url: str) -> str:
     return f"{parts.scheme}://{parts.hostname}:{parts.port or 4222}"
 
 
+class AuthError(ValueError):
+    """Credentials or TLS files that cannot be used; the message is one line."""
+
+
+# Auth field -> (flag, environment variable, help): the same for every command
+AUTH_OPTIONS: Final = {
+    "creds": ("--creds", "NATS_CREDS", "credentials file: a user JWT and its nkey seed"),
+    "nkey": ("--nkey", "NATS_NKEY", "file holding an nkey seed (a user of the server config)"),
+    "tls_ca": ("--tls-ca", "NATS_CA", "CA certificate(s) to trust, PEM"),
+    "tls_cert": ("--tls-cert", "NATS_CERT", "client certificate, PEM (mutual TLS)"),
+    "tls_key": ("--tls-key", "NATS_KEY", "the client certificate's private key, PEM"),
+}
+
+
+@dataclass(frozen=True)
+class Auth:
+    """Who the client is and which TLS files it uses; each a file path, None when unused."""
+
+    creds: str | None = None
+    nkey: str | None = None
+    tls_ca: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    _context: ssl.SSLContext | None = field(default=None, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        for name, (flag, _, _) in AUTH_OPTIONS.items():
+            path = getattr(self, name)
+            if path is not None and not os.access(path, os.R_OK):
+                raise AuthError(f"{flag} {path}: no such file, or not readable")
+        if self.creds and self.nkey:
+            raise AuthError("--creds and --nkey are two ways to say who you are: give one")
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise AuthError("--tls-cert and --tls-key go together")
+        if self.uses_tls:  # load the files now: a bad one is a usage error, not a lost server
+            object.__setattr__(self, "_context", self._load_tls())
+
+    @classmethod
+    def from_values(
+        cls, values: Mapping[str, str | None], environ: Mapping[str, str] | None = None
+    ) -> Auth:
+        """Flags (field -> value or None) over environment variables."""
+        env = os.environ if environ is None else environ
+        return cls(**{
+            name: values.get(name) or env.get(variable) or None
+            for name, (_, variable, _) in AUTH_OPTIONS.items()
+        })  # fmt: skip
+
+    @property
+    def uses_tls(self) -> bool:
+        return bool(self.tls_ca or self.tls_cert)
+
+    def _load_tls(self) -> ssl.SSLContext:
+        try:
+            context = ssl.create_default_context(cafile=self.tls_ca)
+            if self.tls_cert and self.tls_key:
+                context.load_cert_chain(self.tls_cert, self.tls_key)
+        except (ssl.SSLError, OSError) as e:
+            raise AuthError(f"TLS files cannot be used: {e}") from None
+        return context
+
+    def kwargs(self) -> dict[str, Any]:
+        options: dict[str, Any] = {}
+        if self.creds:
+            options["user_credentials"] = self.creds  # re-read on every reconnect
+        if self.nkey:
+            options["nkeys_seed"] = self.nkey
+        if self._context is not None:
+            options["tls"] = self._context
+        return options
+
+
+def add_auth_arguments(parser: argparse.ArgumentParser) -> None:
+    """--creds, --nkey, --tls-ca, --tls-cert, --tls-key (each with its environment variable)."""
+    for name, (flag, variable, text) in AUTH_OPTIONS.items():
+        parser.add_argument(flag, dest=name, metavar="FILE", help=f"{text} (env {variable})")
+
+
+def auth_from_args(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> Auth:
+    return Auth.from_values({name: getattr(args, name, None) for name in AUTH_OPTIONS}, environ)
+
+
 @dataclass(frozen=True)
 class Reconnect:
     """How a lost connection (and, for `forever`, a first one) is retried."""
@@ -84,6 +172,7 @@ class NatsOptions:
     connect_timeout_s: float = 2.0
     reconnect: Reconnect = field(default_factory=Reconnect)
     ping_interval_s: int | None = None  # None: the library's default
+    auth: Auth = field(default_factory=Auth)
 
     @classmethod
     def of(cls, servers: str | Sequence[str], name: str, **kw: Any) -> NatsOptions:
@@ -105,7 +194,7 @@ class NatsOptions:
             options["ping_interval"] = self.ping_interval_s
         if r.forever and r.jitter_s > 0:
             options["reconnect_to_server_handler"] = partial(_least_failed, r)
-        return options | extra
+        return options | self.auth.kwargs() | extra
 
 
 async def connect(options: NatsOptions, **extra: Any) -> Client:

@@ -15,6 +15,7 @@ from pydantic import ValidationError
 from agent.simulate.run import run_until_signal
 from agent.simulate.settings import SimSettings
 from registry import logs
+from registry.connect import AUTH_OPTIONS
 from registry.protocol import encode
 
 # settings field -> (flag, environment variable)
@@ -31,6 +32,7 @@ OPTIONS: Final = {
     "kill_after_s": ("--kill-after", "SIM_KILL_AFTER"),
     "kill_within_s": ("--kill-within", "SIM_KILL_WITHIN"),
     "window": ("--window", "SIM_WINDOW"),
+    **{field: (flag, env) for field, (flag, env, _) in AUTH_OPTIONS.items()},
 }
 _HELP: Final = {
     "nats_url": "NATS server URL(s), comma-separated (default nats://127.0.0.1:4222)",
@@ -45,6 +47,7 @@ _HELP: Final = {
     "kill_after_s": "the kills start this many seconds after registering (default 0)",
     "kill_within_s": "...and are spread over this many seconds (default 10)",
     "window": "most publishes awaiting their PubAck (default 4096)",
+    **{field: text for field, (_, _, text) in AUTH_OPTIONS.items()},
 }
 LOG_LEVELS: Final = ("debug", "info", "warning", "error")
 
@@ -89,7 +92,9 @@ def settings_from(args: argparse.Namespace, environ: dict[str, str] | None = Non
 
 def _describe(error: ValidationError) -> str:
     first = error.errors()[0]
-    field = str(first["loc"][0]) if first["loc"] else ""
+    if not first["loc"]:  # a rule over several fields: its message names them
+        return str(first["msg"]).removeprefix("Value error, ")
+    field = str(first["loc"][0])
     flag, _ = OPTIONS.get(field, (field, ""))
     message = first["msg"].removeprefix("Value error, ")
     return f"invalid {flag} {first.get('input')!r}: {message}"

@@ -14,27 +14,29 @@ from nats.aio.msg import Msg
 from agent.simulate.fleet import Fleet, SimReport
 from agent.simulate.publisher import AckedPublisher
 from agent.simulate.settings import SimSettings
-from registry.connect import NatsOptions, Reconnect
+from registry.connect import Auth, NatsOptions, Reconnect
 from registry.connect import connect as connect_to
 
 log = structlog.get_logger("agent.simulate")
 
 
-async def connect(url: str, timeout_s: float = 10.0) -> Client:
+async def connect(url: str, timeout_s: float = 10.0, *, auth: Auth | None = None) -> Client:
     """Connect (retrying for up to `timeout_s`), then reconnect by ourselves forever."""
 
     async def on_error(e: Exception) -> None:
         log.warning("nats_error", url=url, error=str(e) or type(e).__name__)
 
-    options = NatsOptions.of(url, "agent-simulate", reconnect=Reconnect(wait_s=0.5))
+    options = NatsOptions.of(
+        url, "agent-simulate", reconnect=Reconnect(wait_s=0.5), auth=auth or Auth()
+    )
     return await asyncio.wait_for(
         connect_to(options, pending_size=32 * 1024 * 1024, error_cb=on_error), timeout_s
     )
 
 
-async def _connect_unless_stopped(url: str, stop: asyncio.Event) -> Client | None:
+async def _connect_unless_stopped(settings: SimSettings, stop: asyncio.Event) -> Client | None:
     """Connect, or give up quietly (None) when stopped while still connecting."""
-    connecting = asyncio.ensure_future(connect(url))
+    connecting = asyncio.ensure_future(connect(settings.nats_url, auth=settings.auth))
     stopping = asyncio.ensure_future(stop.wait())
     try:
         await asyncio.wait({connecting, stopping}, return_when=asyncio.FIRST_COMPLETED)
@@ -62,7 +64,7 @@ async def simulate(
     """Run the fleet until `stop` (or --duration); then unregister, bounded. `hurry` skips that."""
     hurry = hurry or asyncio.Event()
     loop = asyncio.get_running_loop()
-    nc = await _connect_unless_stopped(settings.nats_url, stop)
+    nc = await _connect_unless_stopped(settings, stop)
     if nc is None:
         return SimReport(workers=settings.count, heartbeat_interval_s=settings.heartbeat_interval_s)
     t0 = loop.time()

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import ConfigDict, Field, field_validator
 
+from agent.settings import AuthFields
 from registry.connect import split_servers
 
 
-class SimSettings(BaseModel):
+class SimSettings(AuthFields):
     """What a person configures about a simulated fleet, validated once."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")

@@ -6,7 +6,7 @@ import json
 
 from nats.aio.client import Client
 
-from registry.connect import FAIL_FAST, NatsOptions, connect
+from registry.connect import FAIL_FAST, Auth, NatsOptions, connect
 from registry.protocol import SERVICE_NAME
 from registry.server.provision import DEFAULT_NAMES, Names, api, config_diff, stream_configs
 
@@ -15,12 +15,16 @@ class Unhealthy(Exception):
     """One line saying what is wrong."""
 
 
-async def check(url: str, max_lag: int, timeout_s: float = 2.0, names: Names = DEFAULT_NAMES) -> str:
+async def check(
+    url: str, max_lag: int, timeout_s: float = 2.0, names: Names = DEFAULT_NAMES,
+    auth: Auth | None = None,
+) -> str:  # fmt: skip
     """A one-line report of a healthy registry, or Unhealthy with the reason."""
     try:
         options = NatsOptions.of(
-            url, "registry-check", connect_timeout_s=timeout_s, reconnect=FAIL_FAST
-        )
+            url, "registry-check", connect_timeout_s=timeout_s, reconnect=FAIL_FAST,
+            auth=auth or Auth(),
+        )  # fmt: skip
         nc = await connect(options, error_cb=_quiet)
     except Exception as e:  # noqa: BLE001 - any failure to connect is the answer
         raise Unhealthy(f"cannot connect to {url}: {str(e) or type(e).__name__}") from None

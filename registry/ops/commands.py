@@ -27,7 +27,15 @@ import nats.js.errors
 from nats.aio.client import Client
 
 from registry import protocol, query, timeparse
-from registry.connect import FAIL_FAST, NatsOptions, NatsUrlError, connect
+from registry.connect import (
+    FAIL_FAST,
+    AuthError,
+    NatsOptions,
+    NatsUrlError,
+    add_auth_arguments,
+    auth_from_args,
+    connect,
+)
 from registry.eventlog import EventLogError, EventQuery, read_events
 from registry.ops import watch
 from registry.ops.explain import explanation, replay, verdict
@@ -63,6 +71,7 @@ def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
         help=f"NATS server URL (env NATS_URL, default {DEFAULT_URL})",
     )
     common.add_argument("--json", action="store_true", help="print JSON for programs")
+    add_auth_arguments(common)
 
     def command(name: str, run: Command, help: str) -> argparse.ArgumentParser:
         p = subparsers.add_parser(name, parents=[common], help=help, description=help)
@@ -182,18 +191,20 @@ async def _guarded(command: Command, args: argparse.Namespace) -> int:
 
 
 @contextlib.asynccontextmanager
-async def connected(url: str) -> AsyncIterator[Client]:
+async def connected(args: argparse.Namespace) -> AsyncIterator[Client]:
     """A connection that fails fast: operator commands do not retry forever."""
     errors: list[Exception] = []
+    url = args.nats
 
     async def remember(e: Exception) -> None:
         errors.append(e)
 
     try:
         options = NatsOptions.of(
-            url, "registry-ops", connect_timeout_s=CONNECT_TIMEOUT_S, reconnect=FAIL_FAST
-        )
-    except NatsUrlError as e:
+            url, "registry-ops", connect_timeout_s=CONNECT_TIMEOUT_S, reconnect=FAIL_FAST,
+            auth=auth_from_args(args),
+        )  # fmt: skip
+    except (NatsUrlError, AuthError) as e:
         raise OpsError(str(e), code=2) from None
     try:
         nc = await asyncio.wait_for(
@@ -253,7 +264,7 @@ async def load_record(nc: Client, worker_id: str) -> WorkerInfo | None:
 
 async def _workers(args: argparse.Namespace) -> int:
     f = filter_from(args)
-    async with connected(args.nats) as nc:
+    async with connected(args) as nc:
         records = query.select((await load_records(nc)).values(), f)
     if args.json:
         emit(records)
@@ -267,7 +278,7 @@ async def _workers(args: argparse.Namespace) -> int:
 
 
 async def _get(args: argparse.Namespace) -> int:
-    async with connected(args.nats) as nc:
+    async with connected(args) as nc:
         record = await load_record(nc, args.id)
     if record is None:
         raise OpsError(f"no worker with id {args.id!r}")
@@ -276,7 +287,7 @@ async def _get(args: argparse.Namespace) -> int:
 
 
 async def _stats(args: argparse.Namespace) -> int:
-    async with connected(args.nats) as nc:
+    async with connected(args) as nc:
         counts = msgspec.structs.asdict(query.stats((await load_records(nc)).values()))
         counters = await service_counters(nc)
     if counters is None and not args.json:
@@ -318,7 +329,7 @@ def event_query(args: argparse.Namespace) -> EventQuery:
 
 async def _events(args: argparse.Namespace) -> int:
     q = event_query(args)
-    async with connected(args.nats) as nc:
+    async with connected(args) as nc:
         events = await read_events(nc, q)
     if args.json:
         emit(events)
@@ -333,7 +344,7 @@ async def _events(args: argparse.Namespace) -> int:
 
 
 async def _explain(args: argparse.Namespace) -> int:
-    async with connected(args.nats) as nc:
+    async with connected(args) as nc:
         record = await load_record(nc, args.id)
         events = await read_events(nc, EventQuery(worker_id=args.id, limit=EXPLAIN_EVENTS))
     if record is None and not events:
@@ -356,7 +367,7 @@ async def _watch(args: argparse.Namespace) -> int:
     f = filter_from(args)
     stop = asyncio.Event()
     watch.stop_on_sigint(stop)
-    async with connected(args.nats) as nc:
+    async with connected(args) as nc:
         records = await load_records(nc)
         view = watch.WatchView(records, f, tty=sys.stdout.isatty())
         view.draw(now())

@@ -29,7 +29,7 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext, api
 
-from registry.connect import NatsOptions, Reconnect, connect
+from registry.connect import Auth, NatsOptions, Reconnect, connect
 from registry.lastvalues import Arrivals, stream_keys
 from registry.protocol import (
     AVAILABILITY_DECODER,
@@ -77,11 +77,18 @@ class Router:
         self._closed = False
 
     @classmethod
-    async def connect(cls, url: str, **kwargs: Any) -> Router:
+    async def connect(
+        cls, url: str, *, creds: str | None = None, nkey: str | None = None,
+        tls_ca: str | None = None, tls_cert: str | None = None, tls_key: str | None = None,
+        **kwargs: Any,
+    ) -> Router:  # fmt: skip
         """Connect (reconnecting forever), start following, return without waiting for ready().
 
-        `url` may list several servers, comma-separated (a cluster)."""
-        options = NatsOptions.of(url, "worker-router", reconnect=Reconnect(wait_s=0.25))
+        `url` may list several servers, comma-separated (a cluster); `creds` or `nkey`
+        say who the router is, `tls_*` are TLS files (see registry.connect.Auth); the
+        rest goes to Router(...)."""
+        auth = Auth(creds, nkey, tls_ca, tls_cert, tls_key)
+        options = NatsOptions.of(url, "worker-router", reconnect=Reconnect(wait_s=0.25), auth=auth)
         nc = await connect(options, error_cb=_log_nats_error)
         router = cls(nc, **kwargs)
         router._owns_connection = True

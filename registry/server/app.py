@@ -81,7 +81,10 @@ async def serve(
     hands embedders and tests the running Registry (counters, records).
     """
     async with nats_endpoint(settings) as url:
-        options = NatsOptions.of(url, "worker-registry", connect_timeout_s=settings.connect_timeout_s)
+        options = NatsOptions.of(
+            url, "worker-registry", connect_timeout_s=settings.connect_timeout_s,
+            auth=settings.auth,
+        )  # fmt: skip
         nc = await connect_patiently(options)
         try:
             await provision(nc, replicas=settings.replicas)

@@ -6,11 +6,11 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from registry.connect import split_servers
+from registry.connect import Auth, split_servers
 
 
 class RegistrySettings(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", arbitrary_types_allowed=True)  # Auth
 
     nats_url: str | None = Field(
         default=None, description="existing server; None starts an embedded one"
@@ -29,6 +29,7 @@ class RegistrySettings(BaseModel):
     control_max_age_s: float = Field(default=30.0, gt=0)
     connect_timeout_s: float = Field(default=2.0, gt=0)
     service: bool = True
+    auth: Auth = Field(default_factory=Auth, description="credentials and TLS files")
 
     @field_validator("nats_url")
     @classmethod
