@@ -1,6 +1,6 @@
 """The registry in a child process for the benchmarks: `registry_proc.py URL EVERY_S`.
 
-Runs the registry as `registry up --nats URL` does (`registry.app.serve`) and
+Runs the registry as `registry up --nats URL` does (`registry.server.app.serve`) and
 prints one JSON status line every EVERY_S seconds on stdout: the projector's
 counters, whether it has caught up, whether the sweeper is judging, how many
 records it holds, and the process's resident memory. Stops on SIGTERM.

@@ -9,7 +9,7 @@ heartbeats, in schedule order). Then, on that same server and data:
   body as the value), await the batch's PubAcks, ack the batch's last message.
   No decoding, no fold, no availability messages. Run before and after the
   projector; the better of the two is the limit.
-- the projector: `registry.app.Registry` started on the preloaded stream,
+- the projector: `registry.server.app.Registry` started on the preloaded stream,
   timed until its counters show the last event folded.
 - raw, straightforward: the same consumer, `await kv.put(...)` per event, on
   the first events only (it is slow; the rate is what counts).

@@ -8,7 +8,8 @@ first connection's timeout, and the reconnect policy. Two policies cover them:
 - long-running clients reconnect forever; with jitter, each try waits the
   interval plus a random part and goes to the least-failed server first, so a
   fleet does not return to a restarted server in one herd;
-- one-shot commands (`FAIL_FAST`) never reconnect: one clear line instead.
+- one-shot commands (`FAIL_FAST`) try the servers briefly, never reconnect, and
+  fail with one clear line.
 
 How a client proves who it is (`Auth`: a credentials file or an nkey seed) and
 its TLS files come from the same flags and environment variables everywhere
@@ -222,7 +223,7 @@ async def connect_patiently(options: NatsOptions, **extra: Any) -> Client:
             "error_cb": _on_error,
         }
         try:
-            await nc.connect(**options.kwargs(**(callbacks | extra), max_reconnect_attempts=1))
+            await nc.connect(**options.kwargs(**(callbacks | extra | {"max_reconnect_attempts": 1})))
         except (OSError, nats.errors.Error, TimeoutError) as e:
             log.warning("nats_unreachable", url=servers, error=str(e) or type(e).__name__,
                         retry_in_s=round(backoff, 1))  # fmt: skip

@@ -121,15 +121,16 @@ class Arrivals:
         await self._done.wait()
 
     async def done(self, idle_timeout_s: float, stream: str) -> None:
-        """Wait, bounded by progress rather than by the bucket's size."""
-        seen = -1
+        """Wait, bounded by progress rather than by the stream's size: give up when no
+        listed key has come for `idle_timeout_s` (others coming meanwhile do not count)."""
+        left = -1
         while not self._done.is_set():
-            if self.taken == seen:
+            if len(self.missing) == left:
                 raise TimeoutError(
-                    f"reading {stream}: nothing for {idle_timeout_s} s with "
-                    f"{len(self.missing)} keys still to come after {self.taken} values"
+                    f"reading {stream}: no listed key for {idle_timeout_s} s, "
+                    f"{left} still to come after {self.taken} values"
                 )
-            seen = self.taken
+            left = len(self.missing)
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(idle_timeout_s):
                     await self._done.wait()

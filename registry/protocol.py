@@ -263,6 +263,7 @@ REJECT_REASONS: Final = (
     "invalid",  # JSON that breaks the schema: a missing field, a wrong type, out of range
     "unsupported_version",  # a `v` this registry does not know
     "id_mismatch",  # the body's worker id is not the subject's
+    "decoder_failed",  # not the event's fault: the decoder raised something unforeseen
 )
 
 

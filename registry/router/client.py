@@ -117,7 +117,13 @@ class Router:
         )  # fmt: skip
         # ready once every worker the stream lists now has come by (its value then, or a
         # newer one); not at "nothing pending", which a busy stream says too early
-        self._arrivals.expect(await stream_keys(self.nc, self._stream, self._prefix))
+        try:
+            self._arrivals.expect(await stream_keys(self.nc, self._stream, self._prefix))
+        except BaseException:  # start() again starts over, rather than wait for no list
+            sub, self._sub, self._arrivals = self._sub, None, Arrivals()
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+            raise
 
     async def ready(self) -> None:
         """Return once every worker's availability as of start() is in memory."""

@@ -309,6 +309,7 @@ async def running_registry(
     try:
         if caught_up:
             await asyncio.wait_for(made[0].link.wait_caught_up(), 10.0)
+            await eventually(lambda: made[0].sweeper.started, timeout=5.0)
         yield made[0]
     finally:
         await stop_task(task, "serve()")

@@ -1,5 +1,5 @@
 """Sharing the parts a fleet's registrations repeat (registry/share.py), and
-reading a JetStream message's ack subject (registry/jsmeta.py)."""
+reading a JetStream message's ack subject (registry/server/jsmeta.py)."""
 
 from __future__ import annotations
 
