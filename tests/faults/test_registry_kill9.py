@@ -1,10 +1,20 @@
-"""kill -9 the registry every 1-3 s for a minute while 200 workers beat ten times
+"""kill -9 the registry every 1-3 s for a minute while 200 workers beat five times
 a second: nothing acknowledged is lost, nothing is applied twice, the bucket is
 what a replay of the stream rebuilds, and the projector is current again
 within seconds of the last kill.
 
 `registry up --nats URL` runs as a child process; each kill is followed at once
-by a new one. The workers (tests/faults/helpers.RawFleet) publish with
+by a new one, and the 1-3 s count from when the new one is up: on a busy
+machine a start can take seconds, and kills counted from the spawn starved the
+registry. The load must stay inside what the stream keeps: WORKER_EVENTS keeps
+the last 100 heartbeats of each worker (20 s at 5 a second), and a registry
+further behind than that finds the oldest trimmed before it reads them, which
+this test would count as lost (docs/guarantees.md, "the same limit applies
+before folding"). At ten beats a second (10 s of history), with a CPU burner
+and other work beside the suite, a storm of slow starts went past that in 2 of
+5 loaded runs and in 2 of 13 runs of this test on its own (one beside two burners).
+
+The workers (tests/faults/helpers.RawFleet) publish with
 `js.publish_async`, counters increasing, and keep a ledger of every
 acknowledged event: the oracle the bucket is checked against.
 """
@@ -37,12 +47,13 @@ from tests.integration.registry_helpers import (
 )
 
 WORKERS = 200
-RATE_HZ = 10.0
+RATE_HZ = 5.0
 # What the registrations promise: a 6 s timeout and a late notice after 3 s, so
 # only a registry that loses track of beats (not a scheduling hiccup of this
 # test on two cores) can make a worker late or expired.
 DECLARED_INTERVAL_S = 2.0
 KILLING_S = float(os.environ.get("FAULTS_KILL9_SECONDS", "60"))
+MIN_KILLS = 10  # however slowly a busy machine starts each registry
 CURRENT_WITHIN_S = 10.0  # lag back under 1 s this soon after the last kill
 SEED = 6
 
@@ -67,7 +78,7 @@ def _current_from(samples: list[tuple[float, float]]) -> float:
     return max(over, default=0.0) + (0.1 if over else 0.0)
 
 
-@bounded(KILLING_S + 90)
+@bounded(KILLING_S + 120)
 async def test_kill9_every_few_seconds_loses_nothing_and_applies_nothing_twice(
     nats_server: NatsServer, nc: Client, tmp_path: Path
 ) -> None:
@@ -78,15 +89,16 @@ async def test_kill9_every_few_seconds_loses_nothing_and_applies_nothing_twice(
     registry = await _start(nats_server.url, tmp_path, 0)
     kills = 0
     try:
-        await registry.first_line()
+        await registry.first_line(timeout=30.0)
         await fleet.register_all()
         async with fleet.beating():
             stop_at = time.monotonic() + KILLING_S
-            while time.monotonic() < stop_at:
+            while time.monotonic() < stop_at or kills < MIN_KILLS:
                 await asyncio.sleep(rng.uniform(1.0, 3.0))
                 await registry.kill9()
                 kills += 1
                 registry = await _start(nats_server.url, tmp_path, kills)  # at once
+                await registry.first_line(timeout=30.0)  # the 1-3 s count from here
             samples = await _lag_samples(nc, CURRENT_WITHIN_S + 3.0)  # load goes on
         sent = fleet.last_seq
 
@@ -106,7 +118,6 @@ async def test_kill9_every_few_seconds_loses_nothing_and_applies_nothing_twice(
     rebuilt = await replay(nats_server.url, js, records, timeout_s=40.0)
     current_s = _current_from(samples)
 
-    assert kills >= KILLING_S / 3.0
     assert current_s <= CURRENT_WITHIN_S, f"lag over 1 s until {current_s:.1f} s after the last kill"
     assert samples[-1][0] >= CURRENT_WITHIN_S + 2.0  # ... and stayed under 1 s after that
     assert fleet.stored >= WORKERS * (1 + RATE_HZ * KILLING_S / 3), "the load did not flow"
