@@ -23,7 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from agent.agent import Agent, AgentError
 from agent.probe import Prober
-from agent.settings import AgentSettings, existing_path
+from agent.settings import AgentSettings, describe, existing_path
 from registry import protocol
 from registry.connect import AUTH_OPTIONS
 
@@ -116,7 +116,7 @@ def parse(argv: Sequence[str] | None, environ: Mapping[str, str]) -> tuple[BaseM
     try:
         settings = model.model_validate({k: v for k, v in raw.items() if v is not None})
     except ValidationError as e:
-        raise UsageError(_describe(e)) from None
+        raise UsageError(describe(e, OPTIONS)) from None
     return settings, level
 
 
@@ -128,17 +128,6 @@ def _value(field: str, value: Any, environ: Mapping[str, str]) -> Any:
     return value if value is not None else environ.get(OPTIONS[field][1]) or None
 
 
-def _describe(error: ValidationError) -> str:
-    """The first validation error as one line naming the flag and its variable."""
-    first = error.errors()[0]
-    if not first["loc"]:  # a rule over several fields: its message names them
-        return str(first["msg"]).removeprefix("Value error, ")
-    field = str(first["loc"][0])
-    flag, env = OPTIONS.get(field, (field, ""))
-    if first["type"] == "missing":
-        return f"{flag} is required (or set {env})"
-    message = first["msg"].removeprefix("Value error, ")
-    return f"invalid {flag} {first.get('input')!r}: {message}"
 
 
 # ---------------------------------------------------------------- logging

@@ -13,7 +13,14 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Final, Self
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from agent.probe import Prober
 from registry import protocol
@@ -52,14 +59,36 @@ def existing_path(value: str) -> str:
     return value
 
 
-class AuthFields(BaseModel):
-    """Credentials, nkey and TLS files (`registry.connect.Auth`), checked at once."""
+def describe(error: ValidationError, options: Mapping[str, tuple[str, str]]) -> str:
+    """The first validation error as one line naming the flag (`options`: settings
+    field -> (flag, environment variable))."""
+    first = error.errors()[0]
+    if not first["loc"]:  # a rule over several fields: its message names them
+        return str(first["msg"]).removeprefix("Value error, ")
+    field = str(first["loc"][0])
+    flag, env = options.get(field, (field, ""))
+    if first["type"] == "missing":
+        return f"{flag} is required (or set {env})"
+    message = first["msg"].removeprefix("Value error, ")
+    return f"invalid {flag} {first.get('input')!r}: {message}"
 
+
+class ConnectionFields(BaseModel):
+    """Where to connect (one URL, or several comma-separated) and the credentials,
+    nkey and TLS files (`registry.connect.Auth`), checked at once."""
+
+    nats_url: str = Field(default="nats://127.0.0.1:4222", min_length=1)
     creds: str | None = None
     nkey: str | None = None
     tls_ca: str | None = None
     tls_cert: str | None = None
     tls_key: str | None = None
+
+    @field_validator("nats_url")
+    @classmethod
+    def _nats_urls(cls, value: str) -> str:
+        split_servers(value)  # NatsUrlError (a ValueError) names the bad one
+        return value
 
     @model_validator(mode="after")
     def _auth_files(self) -> Self:
@@ -71,12 +100,11 @@ class AuthFields(BaseModel):
         return Auth(self.creds, self.nkey, self.tls_ca, self.tls_cert, self.tls_key)
 
 
-class AgentSettings(AuthFields):
+class AgentSettings(ConnectionFields):
     """Everything a person configures about an agent, validated once."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    nats_url: str = Field(default="nats://127.0.0.1:4222", min_length=1)
     name: str = Field(min_length=1, max_length=256)
     capability: WorkerCapability | None = None  # None: gpu when a GPU is found, else cpu
     worker_id: str | None = None  # None: derived from name and hostname
@@ -90,12 +118,6 @@ class AgentSettings(AuthFields):
     unregister_timeout_s: float = Field(default=2.0, gt=0.0)
     reconnect_wait_s: float = Field(default=2.0, gt=0.0)
     reconnect_jitter_s: float = Field(default=1.0, ge=0.0)
-
-    @field_validator("nats_url")
-    @classmethod
-    def _nats_urls(cls, value: str) -> str:
-        split_servers(value)  # NatsUrlError (a ValueError) names the bad one
-        return value
 
     @field_validator("disk_path")
     @classmethod

@@ -12,6 +12,7 @@ from typing import Any, Final, NoReturn
 import nats.errors
 from pydantic import ValidationError
 
+from agent.settings import describe
 from agent.simulate.run import run_until_signal
 from agent.simulate.settings import SimSettings
 from registry import logs
@@ -87,17 +88,9 @@ def settings_from(args: argparse.Namespace, environ: dict[str, str] | None = Non
     try:
         return SimSettings.model_validate(raw)
     except ValidationError as e:
-        raise UsageError(_describe(e)) from None
+        raise UsageError(describe(e, OPTIONS)) from None
 
 
-def _describe(error: ValidationError) -> str:
-    first = error.errors()[0]
-    if not first["loc"]:  # a rule over several fields: its message names them
-        return str(first["msg"]).removeprefix("Value error, ")
-    field = str(first["loc"][0])
-    flag, _ = OPTIONS.get(field, (field, ""))
-    message = first["msg"].removeprefix("Value error, ")
-    return f"invalid {flag} {first.get('input')!r}: {message}"
 
 
 def run_command(args: argparse.Namespace) -> int:

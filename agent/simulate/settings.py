@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-from pydantic import ConfigDict, Field, field_validator
+from pydantic import ConfigDict, Field
 
-from agent.settings import AuthFields
-from registry.connect import split_servers
+from agent.settings import ConnectionFields
 
 
-class SimSettings(AuthFields):
+class SimSettings(ConnectionFields):
     """What a person configures about a simulated fleet, validated once."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    nats_url: str = "nats://127.0.0.1:4222"
     count: int = Field(default=200, ge=1, le=1_000_000)
     heartbeat_interval_s: float = Field(default=5.0, gt=0.0, le=86400.0)
     churn: float = Field(default=0.0, ge=0.0, le=60.0)  # fraction of the fleet per minute
@@ -28,9 +26,3 @@ class SimSettings(AuthFields):
     window: int = Field(default=4096, ge=1, le=1_000_000)
     tick_s: float = Field(default=0.01, gt=0.0, le=1.0)
     stop_timeout_s: float = Field(default=10.0, gt=0.0)
-
-    @field_validator("nats_url")
-    @classmethod
-    def _url(cls, v: str) -> str:
-        split_servers(v)  # NatsUrlError (a ValueError) names the bad one
-        return v
