@@ -3,9 +3,17 @@
 Embed it in a worker process with `Agent`, or run it beside one with `agent run`.
 """
 
-from agent.agent import Agent, AgentError
+from agent.agent import Agent, AgentError, AgentSuperseded
 from agent.probe import Prober
 from agent.settings import AgentSettings, derive_worker_id
 from agent.tasks import TaskCounts
 
-__all__ = ["Agent", "AgentError", "AgentSettings", "Prober", "TaskCounts", "derive_worker_id"]
+__all__ = [
+    "Agent",
+    "AgentError",
+    "AgentSettings",
+    "AgentSuperseded",
+    "Prober",
+    "TaskCounts",
+    "derive_worker_id",
+]

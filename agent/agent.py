@@ -20,13 +20,13 @@ import structlog
 
 from agent.connection import DRAIN_TIMEOUT_S
 from agent.probe import Prober
-from agent.runtime import AgentError, AgentThread
+from agent.runtime import AgentError, AgentSuperseded, AgentThread
 from agent.settings import AgentSettings, derive_worker_id
 from agent.tasks import TaskCounts, TaskScope, TaskStats
 from registry import protocol
 from registry.protocol import WorkerStatus
 
-__all__ = ["Agent", "AgentError"]
+__all__ = ["Agent", "AgentError", "AgentSuperseded"]
 
 log = structlog.get_logger("agent")
 
@@ -89,6 +89,21 @@ class Agent:
         except BaseException:
             await self.stop()
             raise
+
+    @property
+    def superseded(self) -> bool:
+        """True once another process registered this worker id and this agent stopped."""
+        return self._thread is not None and self._thread.superseded is not None
+
+    async def wait(self) -> None:
+        """Until the agent ends by itself: raises AgentSuperseded when another process
+        registered this worker id (heartbeats have stopped), AgentError for any other
+        end; returns when stop() ended it."""
+        thread = self._thread
+        if thread is None:
+            raise AgentError("the agent was not started")
+        # shielded: a cancelled wait must not cancel the thread's own `done`
+        await asyncio.shield(asyncio.wrap_future(thread.done))
 
     async def stop(self) -> None:
         """Stop heartbeats, unregister (bounded), drain. Harmless to repeat."""

@@ -173,7 +173,8 @@ async def serve(settings: AgentSettings) -> None:
     """Run the agent until cancelled; leaving the block unregisters."""
     async with Agent.from_settings(settings) as agent:
         log.info("agent_running", worker_id=agent.worker_id, incarnation=agent.incarnation)
-        await asyncio.get_running_loop().create_future()  # until cancelled
+        await agent.wait()  # until cancelled, or the agent ends by itself (AgentError)
+        raise AgentError("the agent stopped by itself")
 
 
 async def run_until_signal(settings: AgentSettings) -> int:

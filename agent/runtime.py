@@ -41,6 +41,11 @@ class AgentError(RuntimeError):
     """The agent cannot go on (e.g. it was stopped, or its registration was refused)."""
 
 
+class AgentSuperseded(AgentError):
+    """Another process registered this worker id: this one stopped beating and did not
+    unregister (the id is the other process's now)."""
+
+
 def _settle(future: concurrent.futures.Future[None], error: BaseException | None) -> None:
     """Resolve a cross-thread future once; a waiter may have cancelled it."""
     try:
@@ -75,6 +80,7 @@ class AgentThread:
         self._last_beat = 0.0  # agent-loop time of the latest heartbeat
         self._beat_now = asyncio.Event()  # beat as soon as the minimum gap allows
         self._reregister = asyncio.Event()
+        self.superseded: AgentSuperseded | None = None
 
     # ------------------------------------------------------------ host side
 
@@ -106,7 +112,7 @@ class AgentThread:
         try:
             self.loop.run_until_complete(self._run())
         except asyncio.CancelledError:
-            pass
+            error = self.superseded  # None after a stop the host asked for
         except BaseException as e:  # handed to the host through `done`
             error = e
             self.log.error("agent_failed", exc_info=True)
@@ -273,8 +279,20 @@ class AgentThread:
         if control.action == "register":
             self.log.info("control_register_requested", reason=control.reason)
             self._reregister.set()
+        elif control.action == "superseded" and control.incarnation == self.incarnation:
+            self._supersede(control.reason)
         else:
             self.log.info("control_ignored", action=control.action, reason=control.reason)
+
+    def _supersede(self, reason: str) -> None:
+        """Stop at once, without unregistering: the worker id is another process's now."""
+        if self.superseded is not None:
+            return
+        self.log.error("agent_superseded", reason=reason)
+        self.superseded = AgentSuperseded(f"superseded: {reason}; this process stopped")
+        self._registered = False
+        if self._task is not None:
+            self._task.cancel()
 
     async def _control_loop(self) -> None:
         """Register again (same incarnation) when asked; requests close together coalesce."""

@@ -223,7 +223,8 @@ async def connect_patiently(options: NatsOptions, **extra: Any) -> Client:
             "error_cb": _on_error,
         }
         try:
-            await nc.connect(**options.kwargs(**(callbacks | extra | {"max_reconnect_attempts": 1})))
+            first = {"max_reconnect_attempts": 1}
+            await nc.connect(**options.kwargs(**(callbacks | extra | first)))
         except (OSError, nats.errors.Error, TimeoutError) as e:
             log.warning("nats_unreachable", url=servers, error=str(e) or type(e).__name__,
                         retry_in_s=round(backoff, 1))  # fmt: skip

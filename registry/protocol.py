@@ -363,11 +363,16 @@ class Availability(_Model, frozen=True, kw_only=True):
 AVAILABILITY_DECODER: Final = msgspec.json.Decoder(Availability)
 
 class Control(_Model, frozen=True, kw_only=True):
-    """Body of `worker.control.<id>` (core NATS)."""
+    """Body of `worker.control.<id>` (core NATS).
+
+    `register`: register again (the registry has no registration for this
+    incarnation). `superseded`: another process registered this worker id; the
+    process of `incarnation` must stop beating (it is no longer the worker)."""
 
     v: int = SCHEMA_VERSION
     action: str
     reason: str = ""
+    incarnation: str = ""  # the process addressed; empty: whichever listens
 
 
 CONTROL_DECODER: Final = msgspec.json.Decoder(Control)

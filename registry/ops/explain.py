@@ -46,6 +46,9 @@ def narrate(before: WorkerInfo | None, outcome: fold.Outcome, e: StoredEvent) ->
         case fold.Duplicate():
             return None
         case fold.Ignored(reason=reason):
+            if e.kind == "heartbeat" and before is not None and before.live:
+                if e.event.incarnation != before.incarnation:
+                    return _clash(e.event.incarnation, before.incarnation, reason)
             return f"ignored {e.kind}: {reason}"
         case fold.Unregistered(reason=reason):
             return f"rejected {e.kind}: {reason}; the agent is told to register again"
@@ -54,10 +57,20 @@ def narrate(before: WorkerInfo | None, outcome: fold.Outcome, e: StoredEvent) ->
     return None
 
 
+def _clash(older: str, newer: str, reason: str) -> str:
+    return (
+        f"IDENTITY CLASH: two processes claim this id; ignored heartbeat from incarnation "
+        f"{older[:8]} ({reason}), replaced by {newer[:8]}; the older is told it is superseded"
+    )
+
+
 def _applied(before: WorkerInfo | None, after: WorkerInfo, e: StoredEvent) -> str | None:
     if e.kind == "register":
         again = before is not None and before.incarnation != after.incarnation and before.live
-        return ("re-registered by a new process: " if again else "") + e.summary
+        if again and before is not None:
+            return (f"re-registered by a new process (incarnation {before.incarnation[:8]} is "
+                    f"superseded and told so): {e.summary}")  # fmt: skip
+        return e.summary
     if e.kind in ("unregister", "expired", "late"):
         return e.summary
     if before is None or not before.live:

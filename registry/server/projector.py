@@ -37,6 +37,7 @@ from registry.protocol import (
     BadEvent,
     Control,
     Event,
+    HeartbeatEvent,
     RegisterEvent,
     WorkerInfo,
     available_subject,
@@ -102,7 +103,7 @@ class _Batch:
     before: dict[str, tuple[object, ...] | None] = field(default_factory=dict)
     announce: set[str] = field(default_factory=set)
     dirty: set[str] = field(default_factory=set)
-    controls: dict[str, str] = field(default_factory=dict)
+    controls: dict[str, Control] = field(default_factory=dict)
 
 
 class Projector:
@@ -130,7 +131,8 @@ class Projector:
         self._epoch = link.epoch  # the epoch this projector last synced in
         self.on_change = on_change
         self.on_reset = on_reset
-        self._last_control: dict[str, float] = {}
+        self._last_control: dict[tuple[str, str, str], float] = {}
+        self._clashes_logged: set[tuple[str, str]] = set()
         self._counted_through = 0
 
     # ------------------------------------------------------------ views
@@ -259,6 +261,9 @@ class Projector:
         record = entry.record if entry else None
         match evolve(record, event, seq, stored_at):
             case Applied(new):
+                if record is not None and record.live and record.incarnation != new.incarnation:
+                    # a restart (the old process died) or a second process: tell the old one
+                    self._supersede(wid, record.incarnation, new.incarnation, stored_at, batch)
                 batch.before.setdefault(wid, routing_key(record))
                 self._stage(wid, new, batch)
                 self.counters.events_applied += fresh
@@ -270,11 +275,15 @@ class Projector:
             case Ignored(reason):
                 self.counters.events_ignored += fresh
                 log.info("event_ignored", seq=seq, worker_id=wid, reason=reason)
+                if isinstance(event, HeartbeatEvent) and record is not None:
+                    if event.incarnation != record.incarnation:  # a replaced process beats on
+                        self._supersede(wid, event.incarnation, record.incarnation, stored_at,
+                                        batch, clash=True)  # fmt: skip
             case Unregistered(reason):
                 self.counters.events_unregistered += fresh
                 log.info("event_unregistered_worker", seq=seq, worker_id=wid, reason=reason)
                 if self._recent(stored_at):
-                    batch.controls[wid] = reason
+                    batch.controls[wid] = Control(action="register", reason=reason)
 
     def _stage(self, wid: str, record: WorkerInfo, batch: _Batch) -> None:
         entry = self.entries.get(wid)
@@ -322,18 +331,37 @@ class Projector:
         age = self.clock.now(time.monotonic()) - stored_at.timestamp()
         return age < self.settings.control_max_age_s
 
+    def _supersede(
+        self, wid: str, older: str, newer: str, stored_at: datetime, batch: _Batch,
+        clash: bool = False,
+    ) -> None:  # fmt: skip
+        """A newer registration won the worker id: tell the older incarnation to stop.
+
+        After a restart the older process is gone and nobody listens; a heartbeat
+        from it (`clash`) proves two processes claim one id, which is logged as an
+        error once per incarnation."""
+        if not self._recent(stored_at):
+            return  # folded again after a restart, or long ago: nobody to tell
+        if clash and (wid, older) not in self._clashes_logged:
+            self._clashes_logged.add((wid, older))
+            log.error("identity_clash", worker_id=wid, superseded=older, registered=newer)
+        reason = f"worker id {wid} was registered by another process (incarnation {newer})"
+        batch.controls[wid] = Control(action="superseded", reason=reason, incarnation=older)
+
     async def _send_controls(self, batch: _Batch) -> None:
         now = time.monotonic()
         if len(self._last_control) > 100_000:
             self._last_control.clear()
-        for wid, reason in batch.controls.items():
-            if now - self._last_control.get(wid, -1e9) < 1.0:
+            self._clashes_logged.clear()
+        for wid, control in batch.controls.items():
+            key = (wid, control.action, control.incarnation)
+            if now - self._last_control.get(key, -1e9) < 1.0:
                 continue
-            self._last_control[wid] = now
-            body = encode(Control(action="register", reason=reason))
-            await self.nc.publish(control_subject(wid), body)
+            self._last_control[key] = now
+            await self.nc.publish(control_subject(wid), encode(control))
             self.counters.controls_sent += 1
-            log.info("control_register_sent", worker_id=wid, reason=reason)
+            log.info(f"control_{control.action}_sent", worker_id=wid, reason=control.reason,
+                     incarnation=control.incarnation)  # fmt: skip
 
     # ------------------------------------------------------------ retention
 

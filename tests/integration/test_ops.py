@@ -386,11 +386,9 @@ async def test_explain_says_why_an_event_was_ignored(
     await project(js, "w")
     _, out, _ = await run(capsys, "explain", "w", "--json", "--nats", nats_server.url)
     timeline = [line["what"] for line in json.loads(out)["timeline"]]
-    assert timeline[1].startswith("re-registered by a new process")
-    assert (
-        timeline[2]
-        == "ignored heartbeat: stale incarnation: heartbeat from a process that was replaced"
-    )
+    assert timeline[1].startswith("re-registered by a new process (incarnation old is superseded")
+    assert timeline[2].startswith("IDENTITY CLASH: two processes claim this id")
+    assert "stale incarnation: heartbeat from a process that was replaced" in timeline[2]
 
 
 async def test_explain_unknown_id_is_exit_1(

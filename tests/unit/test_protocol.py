@@ -37,9 +37,15 @@ def test_golden_event_round_trips_unchanged(kind: str) -> None:
 
 
 def test_golden_availability_and_control_round_trip() -> None:
-    for name, decoder in (("available.json", AVAILABILITY_DECODER), ("control.json", CONTROL_DECODER)):
+    for name, decoder in (("available.json", AVAILABILITY_DECODER), ("control.json", CONTROL_DECODER),
+                          ("control_superseded.json", CONTROL_DECODER)):  # fmt: skip
         data = golden(name)
         assert json.loads(encode(decoder.decode(data))) == json.loads(data)
+
+
+def test_a_control_without_an_incarnation_is_for_whichever_process_listens() -> None:
+    old = b'{"v":1,"action":"register","reason":"r"}'  # before the field was added
+    assert CONTROL_DECODER.decode(old).incarnation == ""
 
 
 def test_minimal_register_fills_defaults_and_ignores_unknown_fields() -> None:
