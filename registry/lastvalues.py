@@ -36,8 +36,8 @@ async def read_last_values(
     """`take(key, msg)` for the last message of every subject under `prefix` (the key
     is the rest of the subject), and for any newer message that comes before the
     read is complete: a key can come twice, the later message being the newer. It
-    gives up when nothing arrives for `idle_timeout_s` (not after a fixed total,
-    which a large enough stream would exceed)."""
+    gives up when no listed key arrives for `idle_timeout_s` (not after a fixed
+    total, which a large enough stream would exceed)."""
     waiting = Arrivals()
 
     async def cb(msg: Msg) -> None:
