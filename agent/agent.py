@@ -42,7 +42,7 @@ class Agent:
 
     def __init__(self, nats_url: str, /, *, prober: Prober | None = None, **options: Any) -> None:
         self.settings = AgentSettings(nats_url=nats_url, **options)
-        self.worker_id = self.settings.worker_id or derive_worker_id(
+        self.worker_id = self.settings.own_worker_id or derive_worker_id(
             self.settings.name, socket.gethostname()
         )
         self.incarnation = protocol.new_incarnation()

@@ -136,6 +136,23 @@ class AgentSettings(ConnectionFields):
                 "use 1-128 characters from A-Z a-z 0-9 _ - (one NATS subject token)"
             ) from None
 
+    @model_validator(mode="after")
+    def _id_of_the_credentials(self) -> Self:
+        """Agent credentials speak for one worker id: another would be refused by the server."""
+        auth = self.auth
+        if auth.role == "agent" and self.worker_id not in (None, auth.identity):
+            raise ValueError(
+                f"the credentials speak for worker {auth.identity!r}, not {self.worker_id!r}: "
+                "omit the worker id or mint credentials for it"
+            )
+        return self
+
+    @property
+    def own_worker_id(self) -> str | None:
+        """The worker id given, else the one agent credentials speak for (None: derive one)."""
+        auth = self.auth
+        return self.worker_id or (auth.identity if auth.role == "agent" else None)
+
     @field_validator("content_types", mode="before")
     @classmethod
     def _content_types(cls, value: object) -> object:

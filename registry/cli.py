@@ -22,6 +22,8 @@ from registry.ops.commands import add_commands
 from registry.server.embedded import ServerError
 from registry.server.provision import ProvisionError
 from registry.server.settings import RegistrySettings
+from registry.trust.cli import add_auth
+from registry.trust.creds import TrustError
 
 
 def _env_float(name: str, default: float) -> float:
@@ -34,39 +36,118 @@ def _env_float(name: str, default: float) -> float:
 
 def add_up(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("up", help="run the registry (embedded nats-server unless --nats)")
-    p.add_argument("--nats", default=os.environ.get("NATS_URL"),
-                   help="existing NATS server or cluster (env NATS_URL); omit to embed one")
-    p.add_argument("--port", type=int, default=int(os.environ.get("REGISTRY_PORT", 4222)),
-                   help="embedded server port on 127.0.0.1 (default 4222; 0 picks a free one)")
-    p.add_argument("--data-dir", type=Path, default=Path(os.environ.get("REGISTRY_DATA_DIR", "./data")),
-                   help="embedded server store (default ./data)")
-    p.add_argument("--timeout-floor", type=float, default=_env_float("REGISTRY_TIMEOUT_FLOOR_S", 1.0),
-                   help="minimum silence before expiry, seconds (default 1)")
-    p.add_argument("--timeout-factor", type=float, default=_env_float("REGISTRY_TIMEOUT_FACTOR", 3.0),
-                   help="heartbeat intervals missed before expiry (default 3)")
-    p.add_argument("--late-factor", type=float, default=_env_float("REGISTRY_LATE_FACTOR", 1.5),
-                   help="intervals missed before a worker is announced late (default 1.5; 0 off)")
-    p.add_argument("--brake-fraction", type=float,
-                   default=_env_float("REGISTRY_BRAKE_FRACTION", 0.5),
-                   help="hold expiries when more than this share of the fleet goes silent "
-                        "(default 0.5; 1 disables)")
-    p.add_argument("--retention", type=float, default=_env_float("REGISTRY_RETENTION_S", 86400.0),
-                   help="seconds an offline record stays in the bucket (default 86400)")
-    p.add_argument("--replicas", type=int, default=int(os.environ.get("REGISTRY_REPLICAS", 1)),
-                   help="stream and bucket replicas on a cluster (default 1)")
-    p.add_argument("--log-level", default=os.environ.get("LOG_LEVEL", "info"),
-                   choices=["debug", "info", "warning", "error"])
+    p.add_argument(
+        "--nats",
+        default=os.environ.get("NATS_URL"),
+        help="existing NATS server or cluster (env NATS_URL); omit to embed one",
+    )
+    p.add_argument(
+        "--port",
+        type=int,
+        default=int(os.environ.get("REGISTRY_PORT", 4222)),
+        help="embedded server port on 127.0.0.1 (default 4222; 0 picks a free one)",
+    )
+    p.add_argument(
+        "--data-dir",
+        type=Path,
+        default=Path(os.environ.get("REGISTRY_DATA_DIR", "./data")),
+        help="embedded server store (default ./data)",
+    )
+    p.add_argument(
+        "--timeout-floor",
+        type=float,
+        default=_env_float("REGISTRY_TIMEOUT_FLOOR_S", 1.0),
+        help="minimum silence before expiry, seconds (default 1)",
+    )
+    p.add_argument(
+        "--timeout-factor",
+        type=float,
+        default=_env_float("REGISTRY_TIMEOUT_FACTOR", 3.0),
+        help="heartbeat intervals missed before expiry (default 3)",
+    )
+    p.add_argument(
+        "--late-factor",
+        type=float,
+        default=_env_float("REGISTRY_LATE_FACTOR", 1.5),
+        help="intervals missed before a worker is announced late (default 1.5; 0 off)",
+    )
+    p.add_argument(
+        "--brake-fraction",
+        type=float,
+        default=_env_float("REGISTRY_BRAKE_FRACTION", 0.5),
+        help="hold expiries when more than this share of the fleet goes silent "
+        "(default 0.5; 1 disables)",
+    )
+    p.add_argument(
+        "--retention",
+        type=float,
+        default=_env_float("REGISTRY_RETENTION_S", 86400.0),
+        help="seconds an offline record stays in the bucket (default 86400)",
+    )
+    p.add_argument(
+        "--replicas",
+        type=int,
+        default=int(os.environ.get("REGISTRY_REPLICAS", 1)),
+        help="stream and bucket replicas on a cluster (default 1)",
+    )
+    p.add_argument(
+        "--log-level",
+        default=os.environ.get("LOG_LEVEL", "info"),
+        choices=["debug", "info", "warning", "error"],
+    )
+    p.add_argument(
+        "--secure",
+        action="store_true",
+        help="embedded server with per-role permissions from --auth-dir "
+        "(made on first use); the registry connects as its role",
+    )
+    p.add_argument(
+        "--auth-dir",
+        type=Path,
+        default=Path(os.environ.get("REGISTRY_AUTH_DIR", "./auth")),
+        help="trust material for --secure (env REGISTRY_AUTH_DIR, default ./auth)",
+    )
     add_auth_arguments(p)
     p.set_defaults(run=run_up)
 
 
 def settings_from(args: argparse.Namespace) -> RegistrySettings:
+    server_config = None
+    if getattr(args, "secure", False):
+        server_config = _secured(args)
     return RegistrySettings(
         nats_url=args.nats, port=args.port, data_dir=args.data_dir,
+        server_config=server_config,
         timeout_floor_s=args.timeout_floor, timeout_factor=args.timeout_factor,
         late_factor=args.late_factor, brake_fraction=args.brake_fraction,
         retention_s=args.retention, replicas=args.replicas, auth=auth_from_args(args),
     )  # fmt: skip
+
+
+def _secured(args: argparse.Namespace) -> Path:
+    """--secure: the auth directory (made when missing), its server configuration,
+    and the registry's own credentials unless others were given."""
+    from registry.trust.authdir import AuthDir
+
+    if args.nats:
+        raise _Usage("--secure starts a secured embedded server; with --nats, pass --creds")
+    if not (args.auth_dir / "account.nk").exists():
+        AuthDir.init(args.auth_dir)
+        print(f"registry: trust material written to {args.auth_dir}/", file=sys.stderr)
+    auth = AuthDir(args.auth_dir)
+    auth.write_server_config()  # the packaged settings of this version, the latest account
+    if not args.creds and not args.nkey:
+        args.creds = str(args.auth_dir / "registry.creds")
+    print(
+        f"registry: secured; mint a worker's credentials with\n"
+        f"  registry auth mint --dir {args.auth_dir} --role agent --worker-id ID --out ID.creds",
+        file=sys.stderr,
+    )
+    return Path(args.auth_dir) / "server.conf"
+
+
+class _Usage(ValueError):
+    """Flags that do not go together: exit 2."""
 
 
 def run_up(args: argparse.Namespace) -> int:
@@ -74,9 +155,12 @@ def run_up(args: argparse.Namespace) -> int:
         settings = settings_from(args)
     except pydantic.ValidationError as e:
         return _bad_args(e)
-    except AuthError as e:
+    except (AuthError, _Usage) as e:
         print(f"registry: {e}", file=sys.stderr)
         return 2
+    except TrustError as e:
+        print(f"registry: {e}", file=sys.stderr)
+        return 1
     logs.configure(args.log_level)
     from registry.server.app import serve
 
@@ -117,8 +201,12 @@ def _bad_args(e: pydantic.ValidationError) -> int:
 def add_check(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("check", help="exit 0 when connected, provisioned, caught up and answering")
     p.add_argument("--nats", default=os.environ.get("NATS_URL", "nats://127.0.0.1:4222"))
-    p.add_argument("--max-lag", type=int, default=1000,
-                   help="most events the projector may be behind (default 1000)")
+    p.add_argument(
+        "--max-lag",
+        type=int,
+        default=1000,
+        help="most events the projector may be behind (default 1000)",
+    )
     p.add_argument("--timeout", type=float, default=2.0, help="seconds per step (default 2)")
     add_auth_arguments(p)
     p.set_defaults(run=run_check)
@@ -148,6 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_up(sub)
     add_check(sub)
     add_commands(sub)
+    add_auth(sub)
     return parser
 
 

@@ -23,6 +23,7 @@ import argparse
 import asyncio
 import os
 import random
+import re
 import ssl
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -33,6 +34,8 @@ from urllib.parse import urlsplit
 import nats.errors
 import structlog
 from nats.aio.client import Client, Server
+
+from registry.trust.creds import TrustError, creds_claims, role_of
 
 log = structlog.get_logger("registry.connect")
 
@@ -94,6 +97,8 @@ class Auth:
     tls_cert: str | None = None
     tls_key: str | None = None
     _context: ssl.SSLContext | None = field(default=None, init=False, repr=False, compare=False)
+    _identity: str | None = field(default=None, init=False, repr=False, compare=False)
+    _role: str | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         for name, (flag, _, _) in AUTH_OPTIONS.items():
@@ -106,6 +111,10 @@ class Auth:
             raise AuthError("--tls-cert and --tls-key go together")
         if self.uses_tls:  # load the files now: a bad one is a usage error, not a lost server
             object.__setattr__(self, "_context", self._load_tls())
+        if self.creds:
+            identity, role = _identity_of(self.creds)
+            object.__setattr__(self, "_identity", identity)
+            object.__setattr__(self, "_role", role)
 
     @classmethod
     def from_values(
@@ -117,6 +126,17 @@ class Auth:
             name: values.get(name) or env.get(variable) or None
             for name, (_, variable, _) in AUTH_OPTIONS.items()
         })  # fmt: skip
+
+    @property
+    def identity(self) -> str | None:
+        """The name in the credentials file's user JWT (a worker id, for an agent's),
+        when it is a subject token; None without credentials."""
+        return self._identity
+
+    @property
+    def role(self) -> str | None:
+        """The role `registry auth mint` wrote into the credentials (agent, router, ...)."""
+        return self._role
 
     @property
     def uses_tls(self) -> bool:
@@ -135,11 +155,27 @@ class Auth:
         options: dict[str, Any] = {}
         if self.creds:
             options["user_credentials"] = self.creds  # re-read on every reconnect
+        if self._identity:  # replies come to this identity's own inboxes (trust/roles.py)
+            options["inbox_prefix"] = f"_INBOX_{self._identity}"
         if self.nkey:
             options["nkeys_seed"] = self.nkey
         if self._context is not None:
             options["tls"] = self._context
         return options
+
+
+_TOKEN: Final = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
+
+
+def _identity_of(creds: str) -> tuple[str | None, str | None]:
+    """(name, role) of the credentials' user JWT; the name only when it is a subject token."""
+    try:
+        with open(creds, encoding="utf-8", errors="replace") as f:
+            claims = creds_claims(f.read())
+    except TrustError as e:
+        raise AuthError(f"--creds {creds}: {e}") from None
+    name = claims.get("name")
+    return (name if isinstance(name, str) and _TOKEN.match(name) else None), role_of(claims)
 
 
 def add_auth_arguments(parser: argparse.ArgumentParser) -> None:

@@ -223,6 +223,8 @@ def _why(e: BaseException) -> str:
         return "connection refused (is nats-server running?)"
     if isinstance(e, socket.gaierror):
         return "unknown host"
+    if isinstance(e, nats.errors.AuthorizationError) or "authorization" in str(e).lower():
+        return "not authorized (the server wants credentials, --creds FILE; or these are revoked or expired)"
     if isinstance(e, TimeoutError | asyncio.TimeoutError):
         return f"no answer within {CONNECT_TIMEOUT_S:g}s"
     return str(e) or type(e).__name__

@@ -30,7 +30,7 @@ async def nats_endpoint(settings: RegistrySettings) -> AsyncIterator[str]:
     if settings.nats_url is not None:
         yield settings.nats_url
         return
-    server = NatsServer(settings.data_dir, port=settings.port or -1)
+    server = NatsServer(settings.data_dir, port=settings.port or -1, config=settings.server_config)
     url = await asyncio.to_thread(server.start)
     log.info("embedded_server_started", url=url, data_dir=str(settings.data_dir))
     try:

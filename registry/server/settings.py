@@ -17,6 +17,9 @@ class RegistrySettings(BaseModel):
     )
     port: int = Field(default=4222, ge=0, le=65535)
     data_dir: Path = Path("./data")
+    server_config: Path | None = Field(
+        default=None, description="the embedded server's configuration (None: the packaged one)"
+    )
     timeout_floor_s: float = Field(default=1.0, gt=0, le=86400)
     timeout_factor: float = Field(default=3.0, ge=1.0, le=100.0)
     late_factor: float = Field(default=1.5, ge=0.0, le=100.0, description="0 disables")

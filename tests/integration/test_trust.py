@@ -1,0 +1,450 @@
+"""Trust, tried: against a nats-server in the secured mode (`registry auth init`'s
+configuration: operator, accounts, one scoped signing key per role), each role
+attempts what it must not do, and each attempt fails because the server refuses
+it. Every refusal is judged by its effect (nothing stored, nothing received,
+nothing deleted), never by an error's wording; and beside each refusal the same
+client does what it may, so a test cannot pass just because nothing works.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import nats
+import nats.errors
+import nats.js.errors
+import pytest
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+
+from agent import Agent
+from registry import protocol
+from registry.connect import FAIL_FAST, Auth, NatsOptions
+from registry.eventlog import EventQuery, read_events
+from registry.router import Router
+from registry.server.embedded import NatsServer
+from registry.trust.authdir import AuthDir, push_account
+from tests.conftest import eventually
+from tests.integration.registry_helpers import (
+    bounded,
+    heartbeat_body,
+    new_incarnation,
+    register_body,
+    running_registry,
+    unregister_body,
+)
+from tests.integration.test_ops import run
+
+NO_ANSWER_S = 0.5  # a refused publish is dropped by the server: no ack, no reply, ever
+
+
+@pytest.fixture
+def auth(tmp_path: Path) -> AuthDir:
+    return AuthDir.init(tmp_path / "auth")
+
+
+@pytest.fixture
+def secured(tmp_path: Path, auth: AuthDir) -> Iterator[NatsServer]:
+    server = NatsServer(tmp_path / "nats", config=auth.root / "server.conf")
+    server.start()
+    yield server
+    server.kill()
+
+
+def creds(auth: AuthDir, role: str, name: str) -> Path:
+    path = auth.root / f"{role}-{name}.creds"
+    path.write_text(auth.mint(role, name))
+    return path
+
+
+class Client_:
+    """A connection as one identity, the way our clients make it (Auth: inbox prefix
+    from the credentials); records the server's asynchronous errors."""
+
+    def __init__(self, nc: Client, errors: list[Exception]) -> None:
+        self.nc, self.errors = nc, errors
+
+    @property
+    def js(self) -> JetStreamContext:
+        return self.nc.jetstream()
+
+
+async def connect_as(url: str, path: Path, **extra: Any) -> Client_:
+    errors: list[Exception] = []
+
+    async def remember(e: Exception) -> None:
+        errors.append(e)
+
+    options = NatsOptions.of(
+        url, f"test {path.stem}", reconnect=FAIL_FAST, auth=Auth(creds=str(path))
+    )
+    nc = Client()
+    await nc.connect(**options.kwargs(error_cb=remember, **extra))
+    return Client_(nc, errors)
+
+
+@pytest.fixture
+async def admin(secured: NatsServer, auth: AuthDir) -> AsyncIterator[Client_]:
+    c = await connect_as(secured.url, auth.root / "admin.creds")
+    yield c
+    await c.nc.close()
+
+
+@pytest.fixture
+async def registry(secured: NatsServer, auth: AuthDir) -> AsyncIterator[Any]:
+    """The registry process's role, in-process: it provisions, folds, answers."""
+    registry_auth = Auth(creds=str(auth.root / "registry.creds"))
+    async with running_registry(secured.url, caught_up=True, auth=registry_auth) as r:
+        yield r
+
+
+async def stored_on(js: JetStreamContext, subject: str) -> int:
+    """How many messages WORKER_EVENTS (or the stream owning `subject`) holds on it."""
+    stream = await js.find_stream_name_by_subject(subject)
+    info = await js.stream_info(stream, subjects_filter=subject)
+    return int((info.state.subjects or {}).get(subject, 0))
+
+
+async def refused_publish(c: Client_, subject: str, body: dict[str, Any]) -> bool:
+    """True when a JetStream publish got no acknowledgement (the server dropped it)."""
+    try:
+        await c.js.publish(subject, json.dumps(body).encode(), timeout=NO_ANSWER_S)
+    except nats.errors.TimeoutError:
+        return True
+    return False
+
+
+async def receives(
+    c: Client_, subject: str, publisher: Client, on: str, wait_s: float = 0.5
+) -> bool:
+    """Does a subscription of `c` to `subject` get a message `publisher` sends on `on`?"""
+    got: list[Msg] = []
+
+    async def take(msg: Msg) -> None:
+        got.append(msg)
+
+    sub = await c.nc.subscribe(subject, cb=take)
+    await c.nc.flush()
+    await publisher.publish(on, b"{}")
+    await publisher.flush()
+    await asyncio.sleep(wait_s)
+    await sub.unsubscribe() if not c.nc.is_closed else None
+    return bool(got)
+
+
+async def js_api_refused(c: Client_, call: str, body: dict[str, Any] | None = None) -> bool:
+    """A JetStream API request that gets no answer at all: the server dropped it."""
+    try:
+        await c.nc.request(f"$JS.API.{call}", json.dumps(body or {}).encode(), timeout=NO_ANSWER_S)
+    except (nats.errors.TimeoutError, nats.errors.NoRespondersError):
+        return True
+    return False
+
+
+# ---------------------------------------------------------------- agents
+
+
+@bounded(60)
+async def test_an_agent_speaks_only_for_its_own_worker(
+    secured: NatsServer, auth: AuthDir, admin: Client_, registry: Any
+) -> None:
+    w1 = await connect_as(secured.url, creds(auth, "agent", "w1"))
+    w2 = await connect_as(secured.url, creds(auth, "agent", "w2"))
+    try:
+        inc1, inc2 = new_incarnation(), new_incarnation()
+        await w1.js.publish("worker.register.w1", json.dumps(register_body("w1", inc1)).encode())
+        await w2.js.publish("worker.register.w2", json.dumps(register_body("w2", inc2)).encode())
+        await eventually(lambda: "w2" in registry.records() and "w1" in registry.records())
+        before = registry.records()["w2"]
+
+        # w1 as w2: register a takeover, beat, leave; each refused, nothing folded
+        assert await refused_publish(
+            w1, "worker.register.w2", register_body("w2", new_incarnation())
+        )
+        assert await refused_publish(w1, "worker.heartbeat.w2", heartbeat_body("w2", inc2))
+        assert await refused_publish(w1, "worker.unregister.w2", unregister_body("w2", inc2))
+        for kind in ("register", "heartbeat", "unregister"):
+            assert await stored_on(admin.js, f"worker.{kind}.w2") == (
+                1 if kind == "register" else 0
+            )
+        after = registry.records()["w2"]
+        assert (after.incarnation, after.live, after.event_seq) == (inc2, True, before.event_seq)
+
+        # the registry's subjects: verdicts, availability, control
+        await w1.js.publish("worker.heartbeat.w1", json.dumps(heartbeat_body("w1", inc1)).encode())
+        last = registry.records()["w1"].last_heartbeat
+        verdict = {"v": 1, "worker_id": "w2", "last_heartbeat": last.isoformat(),
+                   "timeout_s": 0.1, "detected_at": last.isoformat()}  # fmt: skip
+        assert await refused_publish(w1, "worker.expired.w2", verdict)
+        assert await refused_publish(w1, "worker.late.w2", verdict | {"late_after_s": 0.1})
+        assert await stored_on(admin.js, "worker.expired.w2") == 0
+        assert await stored_on(admin.js, "worker.late.w2") == 0
+        forged = {"worker_id": "w1", "available": True, "max_concurrent_tasks": 4096}
+        assert await refused_publish(w1, "worker.available.w1", forged)
+        await w1.nc.publish("worker.control.w2", b'{"action": "superseded"}')
+        assert registry.records()["w2"].live
+    finally:
+        await w1.nc.close()
+        await w2.nc.close()
+
+
+@bounded(60)
+async def test_an_agent_reads_only_its_control_subject_and_its_replies(
+    secured: NatsServer, auth: AuthDir, admin: Client_, registry: Any
+) -> None:
+    w1 = await connect_as(secured.url, creds(auth, "agent", "w1"))
+    try:
+        # allowed: its own control subject (the proof that this test can see a delivery)
+        assert await receives(w1, "worker.control.w1", admin.nc, "worker.control.w1")
+        for subject, on in [
+            (">", "worker.control.w2"),
+            ("worker.control.w2", "worker.control.w2"),
+            ("worker.control.*", "worker.control.w2"),
+            ("worker.available.>", "worker.available.w2"),
+            ("worker.heartbeat.*", "worker.heartbeat.w2"),
+            ("_INBOX.>", "_INBOX.someone.1"),  # another client's replies
+            ("_INBOX_w2.>", "_INBOX_w2.abc.1"),  # another worker's replies
+            ("$JS.API.>", "$JS.API.INFO"),
+        ]:
+            assert not await receives(w1, subject, admin.nc, on, wait_s=0.3), subject
+        # and its own replies work: a JetStream publish is acknowledged
+        ack = await w1.js.publish("worker.heartbeat.w1", b"{}")
+        assert ack.stream == protocol.EVENTS_STREAM
+    finally:
+        await w1.nc.close()
+
+
+@bounded(60)
+async def test_agents_and_routers_cannot_delete_purge_or_write_the_bucket(
+    secured: NatsServer, auth: AuthDir, admin: Client_, registry: Any
+) -> None:
+    kv = await admin.js.key_value(protocol.BUCKET)
+    await kv.put("w9", b"{}")  # a key to try deleting (admin may; the others may not)
+    for who in (creds(auth, "agent", "w1"), creds(auth, "router", "r1")):
+        c = await connect_as(secured.url, who)
+        try:
+            for stream in (protocol.EVENTS_STREAM, protocol.AVAILABILITY_STREAM, "KV_workers"):
+                assert await js_api_refused(c, f"STREAM.DELETE.{stream}"), (who.stem, stream)
+                assert await js_api_refused(c, f"STREAM.PURGE.{stream}"), (who.stem, stream)
+            assert await js_api_refused(
+                c, f"CONSUMER.DELETE.{protocol.EVENTS_STREAM}.{protocol.PROJECTOR_CONSUMER}"
+            )
+            assert await js_api_refused(
+                c, "STREAM.CREATE.EVIL", {"name": "EVIL", "subjects": ["evil"]}
+            )
+            assert await refused_publish(c, "$KV.workers.w1", {"forged": True})
+            assert await refused_publish(c, "$KV.workers.w9", {})
+        finally:
+            await c.nc.close()
+    names = await admin.js.streams_info()
+    assert {s.config.name for s in names} >= {protocol.EVENTS_STREAM, protocol.AVAILABILITY_STREAM}
+    assert "EVIL" not in {s.config.name for s in names}
+    assert await admin.js.consumer_info(protocol.EVENTS_STREAM, protocol.PROJECTOR_CONSUMER)
+    assert (await kv.get("w9")).value == b"{}"
+    with pytest.raises(nats.js.errors.KeyNotFoundError):
+        await kv.get("w1")
+
+
+@bounded(60)
+async def test_an_agent_with_its_credentials_registers_and_beats(
+    secured: NatsServer, auth: AuthDir, registry: Any
+) -> None:
+    path = creds(auth, "agent", "gpu-box-1")
+    async with Agent(
+        secured.url, name="gpu box", creds=str(path), heartbeat_interval_s=0.5
+    ) as agent:
+        assert agent.worker_id == "gpu-box-1"  # the id the credentials speak for
+        record = await eventually(lambda: registry.records().get("gpu-box-1"))
+        seq = record.last_heartbeat_seq
+        await eventually(lambda: registry.records()["gpu-box-1"].last_heartbeat_seq > seq)
+    await eventually(lambda: not registry.records()["gpu-box-1"].live)  # its unregister too
+
+
+async def test_agent_credentials_for_another_worker_id_are_a_usage_error(auth: AuthDir) -> None:
+    from agent.cli import main as agent_main
+
+    path = creds(auth, "agent", "w1")
+    code = await asyncio.to_thread(
+        agent_main, ["run", "--name", "x", "--worker-id", "w2", "--creds", str(path)]
+    )
+    assert code == 2
+
+
+# ---------------------------------------------------------------- routers and operators
+
+
+@bounded(60)
+async def test_a_router_follows_availability_and_asks_the_service_and_nothing_more(
+    secured: NatsServer, auth: AuthDir, admin: Client_, registry: Any
+) -> None:
+    w1 = await connect_as(secured.url, creds(auth, "agent", "w1"))
+    await w1.js.publish(
+        "worker.register.w1", json.dumps(register_body("w1", new_incarnation())).encode()
+    )
+    await eventually(lambda: "w1" in registry.records())
+    await w1.nc.close()
+    path = creds(auth, "router", "r1")
+    router = await Router.connect(secured.url, creds=str(path))
+    try:
+        await router.ready()
+        await eventually(lambda: router.pick() is not None)
+        assert router.pick().worker_id == "w1"  # type: ignore[union-attr]
+        nc = router.nc
+        for endpoint, body in (("pick", {}), ("list", {}), ("get", {"worker_id": "w1"})):
+            reply = await nc.request(f"registry.{endpoint}", json.dumps(body).encode(), timeout=5)
+            assert b"w1" in reply.data, endpoint
+        c = Client_(nc, [])
+        for endpoint in ("stats", "history"):
+            with pytest.raises((nats.errors.TimeoutError, nats.errors.NoRespondersError)):
+                await nc.request(
+                    f"registry.{endpoint}", b'{"worker_id": "w1"}', timeout=NO_ANSWER_S
+                )
+        # no events: neither published nor read
+        assert await refused_publish(c, "worker.heartbeat.w1", {})
+        assert await js_api_refused(c, f"CONSUMER.CREATE.{protocol.EVENTS_STREAM}",
+                                    {"stream_name": protocol.EVENTS_STREAM, "config": {}})  # fmt: skip
+        assert await js_api_refused(c, "STREAM.INFO.KV_workers")
+        assert not await receives(c, "worker.>", admin.nc, "worker.heartbeat.w1", wait_s=0.3)
+    finally:
+        await router.close()
+
+
+@bounded(60)
+async def test_an_operator_reads_events_and_the_bucket_and_deletes_nothing(
+    secured: NatsServer, auth: AuthDir, admin: Client_, registry: Any
+) -> None:
+    w1 = await connect_as(secured.url, creds(auth, "agent", "w1"))
+    await w1.js.publish(
+        "worker.register.w1", json.dumps(register_body("w1", new_incarnation())).encode()
+    )
+    await w1.nc.close()
+    await eventually(lambda: "w1" in registry.records())
+    path = creds(auth, "operator", "ops1")
+    flags = ["--json", "--nats", secured.url, "--creds", str(path)]
+    workers = await command("workers", *flags)
+    assert [w["registration"]["worker_id"] for w in workers] == ["w1"]
+    events = await command("events", "--worker", "w1", *flags)
+    assert [e["kind"] for e in events] == ["register"]
+    assert (await command("stats", *flags))["total"] == 1
+
+    c = await connect_as(secured.url, path)
+    try:
+        events = await read_events(c.nc, EventQuery(worker_id="w1"), protocol.EVENTS_STREAM)
+        assert [e.kind for e in events] == ["register"]
+        for stream in (protocol.EVENTS_STREAM, protocol.AVAILABILITY_STREAM, "KV_workers"):
+            assert await js_api_refused(c, f"STREAM.DELETE.{stream}")
+            assert await js_api_refused(c, f"STREAM.PURGE.{stream}")
+            assert await js_api_refused(c, f"STREAM.MSG.DELETE.{stream}", {"seq": 1})
+        checkpoint = f"{protocol.EVENTS_STREAM}.{protocol.PROJECTOR_CONSUMER}"
+        assert await js_api_refused(c, f"CONSUMER.DELETE.{checkpoint}")
+        assert await refused_publish(c, "$KV.workers.w1", {})
+        assert await refused_publish(c, "worker.heartbeat.w1", {})
+        assert await refused_publish(c, "worker.expired.w1", {})
+    finally:
+        await c.nc.close()
+    assert registry.records()["w1"].live
+    assert await stored_on(admin.js, "worker.register.w1") == 1
+
+
+async def command(*argv: str) -> Any:
+    """`registry ARGV` in a child process (the in-process registry logs to our stdout)."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "registry.cli", *argv,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    out, err = await asyncio.wait_for(proc.communicate(), 30)
+    assert proc.returncode == 0, err.decode()
+    return json.loads(out)
+
+
+@bounded(60)
+async def test_without_credentials_nobody_gets_in(
+    secured: NatsServer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(nats.errors.Error):
+        await nats.connect(secured.url, allow_reconnect=False, max_reconnect_attempts=1,
+                           connect_timeout=2, error_cb=_quiet)  # fmt: skip
+    code, out, err = await run(capsys, "workers", "--nats", secured.url)
+    assert (code, out) == (1, "") and "not authorized" in err
+
+
+async def _quiet(e: Exception) -> None:
+    pass
+
+
+# ---------------------------------------------------------------- revocation
+
+
+@bounded(90)
+async def test_a_revoked_agent_is_cut_off_refused_and_stays_refused_after_a_restart(
+    secured: NatsServer, auth: AuthDir
+) -> None:
+    w1_path, w2_path = creds(auth, "agent", "w1"), creds(auth, "agent", "w2")
+    lost = asyncio.Event()
+
+    async def on_lost() -> None:
+        lost.set()
+
+    w1 = await connect_as(secured.url, w1_path, disconnected_cb=on_lost, closed_cb=on_lost)
+    w2 = await connect_as(secured.url, w2_path)
+    system = await connect_as(secured.url, auth.root / "system-user.creds")
+    try:
+        assert [i.name for i in auth.revoke("w1")] == ["w1"]
+        started = time.monotonic()
+        await push_account(auth, system.nc)
+        await asyncio.wait_for(lost.wait(), 5.0)  # the live connection, closed within 5 s
+        assert time.monotonic() - started < 5.0
+        await asyncio.sleep(0.2)
+        assert w2.nc.is_connected  # the others stay
+        await w2.nc.flush(timeout=2)
+    finally:
+        for c in (w1, w2, system):
+            await c.nc.close()
+    await _refused(secured.url, w1_path)
+    secured.restart()  # the store keeps the pushed account: still refused
+    await _refused(secured.url, w1_path)
+    again = await connect_as(secured.url, w2_path)
+    await again.nc.close()
+    fresh = await connect_as(secured.url, creds(auth, "agent", "w1"))  # re-admitted by a new mint
+    await fresh.nc.close()
+
+
+async def _refused(url: str, path: Path) -> None:
+    with pytest.raises((nats.errors.Error, OSError, TimeoutError)):
+        c = await connect_as(url, path)
+        await c.nc.close()
+
+
+@bounded(90)
+async def test_revoke_from_the_command_line_tells_the_server(
+    secured: NatsServer, auth: AuthDir, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from registry.cli import main
+
+    w1_path = creds(auth, "agent", "w1")
+    lost = asyncio.Event()
+
+    async def on_lost() -> None:
+        lost.set()
+
+    w1 = await connect_as(secured.url, w1_path, disconnected_cb=on_lost, closed_cb=on_lost)
+    try:
+        code = await asyncio.to_thread(
+            main,
+            ["auth", "revoke", "--dir", str(auth.root), "--worker-id", "w1", "--nats", secured.url],
+        )
+        assert code == 0
+        await asyncio.wait_for(lost.wait(), 5.0)
+    finally:
+        await w1.nc.close()
+    capsys.readouterr()
+    code = await asyncio.to_thread(main, ["auth", "list", "--dir", str(auth.root), "--json"])
+    listed = {row["name"]: row["revoked"] for row in json.loads(capsys.readouterr().out)}
+    assert code == 0 and listed == {"registry": False, "admin": False, "w1": True}
