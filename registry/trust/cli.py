@@ -114,7 +114,10 @@ def _mint(args: argparse.Namespace) -> int:
         if args.worker_id:
             raise _Usage(f"--worker-id is for agents; name a {args.role} with --name")
         name = args.name or args.role
-    check_name(name)
+    try:
+        check_name(name)
+    except TrustError as e:
+        raise _Usage(str(e)) from None
     expires = None
     if args.expires:
         try:

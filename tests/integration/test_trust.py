@@ -26,6 +26,7 @@ from nats.js import JetStreamContext
 
 from agent import Agent
 from registry import protocol
+from registry.cli import main as registry_main
 from registry.connect import FAIL_FAST, Auth, NatsOptions
 from registry.eventlog import EventQuery, read_events
 from registry.router import Router
@@ -37,6 +38,7 @@ from tests.integration.registry_helpers import (
     heartbeat_body,
     new_incarnation,
     register_body,
+    registry_process,
     running_registry,
     unregister_body,
 )
@@ -426,8 +428,6 @@ async def _refused(url: str, path: Path) -> None:
 async def test_revoke_from_the_command_line_tells_the_server(
     secured: NatsServer, auth: AuthDir, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from registry.cli import main
-
     w1_path = creds(auth, "agent", "w1")
     lost = asyncio.Event()
 
@@ -437,7 +437,7 @@ async def test_revoke_from_the_command_line_tells_the_server(
     w1 = await connect_as(secured.url, w1_path, disconnected_cb=on_lost, closed_cb=on_lost)
     try:
         code = await asyncio.to_thread(
-            main,
+            registry_main,
             ["auth", "revoke", "--dir", str(auth.root), "--worker-id", "w1", "--nats", secured.url],
         )
         assert code == 0
@@ -445,6 +445,44 @@ async def test_revoke_from_the_command_line_tells_the_server(
     finally:
         await w1.nc.close()
     capsys.readouterr()
-    code = await asyncio.to_thread(main, ["auth", "list", "--dir", str(auth.root), "--json"])
+    code = await asyncio.to_thread(
+        registry_main, ["auth", "list", "--dir", str(auth.root), "--json"]
+    )
     listed = {row["name"]: row["revoked"] for row in json.loads(capsys.readouterr().out)}
     assert code == 0 and listed == {"registry": False, "admin": False, "w1": True}
+
+
+# ---------------------------------------------------------------- the laptop try
+
+
+@bounded(90)
+async def test_registry_up_secure_then_an_agent_with_minted_credentials(tmp_path: Path) -> None:
+    args = ["--secure", "--port", "0", "--data-dir", str(tmp_path / "data"),
+            "--auth-dir", str(tmp_path / "auth")]  # fmt: skip
+    async with registry_process(args, tmp_path / "up.log") as up:
+        url = await up.first_line()
+        assert url.startswith("nats://127.0.0.1:")
+        minted = tmp_path / "demo.creds"
+        mint = ["auth", "mint", "--dir", str(tmp_path / "auth"), "--role", "agent",
+                "--worker-id", "demo", "--out", str(minted)]  # fmt: skip
+        assert await asyncio.to_thread(registry_main, mint) == 0
+        async with Agent(url, name="demo", creds=str(minted), heartbeat_interval_s=0.5):
+            admin = ["--json", "--nats", url, "--creds", str(tmp_path / "auth" / "admin.creds")]
+            workers = await eventually(lambda: command("workers", *admin), timeout=10)
+            assert [w["registration"]["worker_id"] for w in workers] == ["demo"]
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "registry.cli", "workers", "--nats", url,
+                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+            )  # fmt: skip
+            _, err = await proc.communicate()
+            assert proc.returncode == 1 and b"not authorized" in err
+        assert await up.terminate() == 0
+
+
+def test_secure_is_for_the_embedded_server(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = registry_main(["up", "--secure", "--nats", "nats://127.0.0.1:4222",
+                          "--auth-dir", str(tmp_path / "auth")])  # fmt: skip
+    assert code == 2 and "--creds" in capsys.readouterr().err
+    assert not (tmp_path / "auth").exists()

@@ -1,0 +1,131 @@
+"""The trust material, without a server: JWTs signed and checked, what init writes,
+what a minted credential carries, revocations, and what our clients read from it."""
+
+from __future__ import annotations
+
+import stat
+from pathlib import Path
+
+import pytest
+
+from agent.settings import AgentSettings
+from registry.cli import main
+from registry.connect import Auth
+from registry.trust import jwt
+from registry.trust.authdir import AuthDir
+from registry.trust.creds import TrustError, creds_claims
+from registry.trust.roles import ROLES
+
+
+def test_a_signed_token_verifies_and_a_changed_one_does_not() -> None:
+    seed, public = jwt.new_key("account")
+    token = jwt.encode({"sub": public, "name": "x", "nats": {"type": "account"}}, seed)
+    claims = jwt.decode(token)
+    assert (claims["iss"], claims["sub"], claims["name"]) == (public, public, "x")
+    header, _, signature = token.split(".")
+    forged = jwt.encode({"sub": public, "name": "y"}, jwt.new_key("account")[0]).split(".")[1]
+    with pytest.raises(jwt.JwtError):
+        jwt.decode(f"{header}.{forged}.{signature}")
+    with pytest.raises(jwt.JwtError):
+        jwt.decode("not.a.token")
+    assert jwt.decode(f"{header}.{forged}.{signature}", verify=False)["name"] == "y"
+
+
+@pytest.fixture
+def auth(tmp_path: Path) -> AuthDir:
+    return AuthDir.init(tmp_path / "auth")
+
+
+def test_init_writes_secret_seeds_and_an_account_with_one_scoped_key_per_role(
+    auth: AuthDir,
+) -> None:
+    for seed in ["operator.nk", "system.nk", "account.nk", "registry.creds", "admin.creds",
+                 "system-user.creds", *(f"signing/{r}.nk" for r in ROLES)]:  # fmt: skip
+        assert stat.S_IMODE((auth.root / seed).stat().st_mode) == 0o600, seed
+    account = jwt.decode(auth.account_jwt())
+    operator = jwt.decode((auth.root / "operator.jwt").read_text())
+    assert account["iss"] == operator["sub"] and account["sub"] == auth.account
+    scopes = {k["role"]: k for k in account["nats"]["signing_keys"]}
+    assert set(scopes) == set(ROLES) and all(k["kind"] == "user_scope" for k in scopes.values())
+    agent = scopes["agent"]["template"]
+    assert agent["pub"]["allow"] == [
+        f"worker.{k}.{{{{name()}}}}" for k in ("register", "heartbeat", "unregister")
+    ]
+    assert agent["sub"]["allow"] == ["worker.control.{{name()}}", "_INBOX_{{name()}}.>"]
+    conf = (auth.root / "auth.conf").read_text()
+    assert auth.account in conf and auth.system_account in conf and "type: full" in conf
+    assert (auth.root / "resolver" / f"{auth.account}.jwt").read_text() == auth.account_jwt()
+    with pytest.raises(TrustError):
+        AuthDir.init(auth.root)  # never overwrites without force
+
+
+def test_a_minted_agent_carries_its_name_and_no_permissions_of_its_own(auth: AuthDir) -> None:
+    claims = creds_claims(auth.mint("agent", "gpu-1"))
+    account = jwt.decode(auth.account_jwt())
+    agent_key = next(k["key"] for k in account["nats"]["signing_keys"] if k["role"] == "agent")
+    assert claims["name"] == "gpu-1" and claims["iss"] == agent_key
+    assert claims["nats"]["issuer_account"] == auth.account
+    # a user of a scoped key with permissions or limits of its own is refused by the server
+    assert not {"pub", "sub", "subs", "data", "payload"} & set(claims["nats"])
+    assert [i.name for i in auth.issued()] == ["registry", "admin", "gpu-1"]
+    with pytest.raises(TrustError):
+        auth.mint("agent", "two.tokens")
+    with pytest.raises(TrustError):
+        auth.mint("superuser", "x")
+
+
+def test_revoking_a_name_revokes_every_credential_issued_to_it(auth: AuthDir) -> None:
+    auth.mint("agent", "w1")
+    auth.mint("agent", "w1")
+    auth.mint("agent", "w2")
+    iat = jwt.decode(auth.account_jwt())["iat"]
+    revoked = auth.revoke("w1")
+    assert len(revoked) == 2 and set(auth.revocations()) == {i.user for i in revoked}
+    assert jwt.decode(auth.account_jwt())["iat"] > iat  # servers keep the newer account
+    assert [i.name for i in auth.issued() if auth.is_revoked(i)] == ["w1", "w1"]
+    assert f'{auth.account}: "{auth.account_jwt()}"' in (auth.root / "auth.conf").read_text()
+    with pytest.raises(TrustError):
+        auth.revoke("nobody")
+
+
+def test_clients_read_replies_on_their_own_inbox_and_agents_take_their_id(auth: AuthDir) -> None:
+    path = auth.root / "w1.creds"
+    path.write_text(auth.mint("agent", "w1"))
+    a = Auth(creds=str(path))
+    assert (a.identity, a.role, a.kwargs()["inbox_prefix"]) == ("w1", "agent", "_INBOX_w1")
+    assert AgentSettings(name="x", creds=str(path)).own_worker_id == "w1"
+    with pytest.raises(ValueError, match="w1"):
+        AgentSettings(name="x", worker_id="w2", creds=str(path))
+    admin = Auth(creds=str(auth.root / "admin.creds"))
+    assert admin.role == "admin"
+    assert (
+        AgentSettings(name="x", worker_id="w2", creds=str(auth.root / "admin.creds")).own_worker_id
+        == "w2"
+    )
+    bad = auth.root / "bad.creds"
+    bad.write_text("not a credentials file")
+    with pytest.raises(ValueError):
+        Auth(creds=str(bad))
+
+
+def test_auth_commands_say_what_is_wrong_in_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    d = str(tmp_path / "auth")
+    assert main(["auth", "mint", "--dir", d, "--role", "router"]) == 1  # nothing there yet
+    assert "registry auth init" in capsys.readouterr().err
+    assert main(["auth", "init", "--dir", d]) == 0
+    assert main(["auth", "init", "--dir", d]) == 1
+    assert main(["auth", "mint", "--dir", d, "--role", "agent"]) == 2
+    assert main(["auth", "mint", "--dir", d, "--role", "agent", "--worker-id", "a b"]) == 2
+    assert main(["auth", "mint", "--dir", d, "--role", "router", "--worker-id", "w1"]) == 2
+    assert main(["auth", "mint", "--dir", d, "--role", "router", "--expires", "soon"]) == 2
+    capsys.readouterr()
+    assert (
+        main(["auth", "mint", "--dir", d, "--role", "router", "--name", "r1", "--expires", "1h"])
+        == 0
+    )
+    claims = creds_claims(capsys.readouterr().out)
+    assert claims["name"] == "r1" and 3500 < claims["exp"] - claims["iat"] <= 3600
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
