@@ -29,6 +29,12 @@ SERVICE_NAME: Final = "worker-registry"
 EVENT_KINDS: Final = ("register", "heartbeat", "unregister", "expired", "late")
 MAX_EVENT_BYTES: Final = 64 * 1024
 
+# What a verdict must claim (see fold.py): the least silence the registry ever judges.
+MIN_TIMEOUT_FACTOR: Final = 2.0
+"""An expiry claims at least this many of the worker's intervals (`timeout_factor` >= it)."""
+MIN_LATE_FACTOR: Final = 1.25
+"""A late notice claims at least this many of the worker's intervals (`late_factor` >= it, or 0)."""
+
 _ID_RE: Final = re.compile(r"[A-Za-z0-9_-]{1,128}")
 
 
