@@ -1,6 +1,7 @@
 """On an open server (no NATS permissions) the registry defends itself: verdicts
-apply only after the silence they claim. A verdict the fold refuses is judged
-again, so a really silent worker still expires."""
+apply only after the silence they claim, and numbers out of the contract's
+bounds are rejected. A verdict the fold refuses is judged again, so a really
+silent worker still expires."""
 
 from __future__ import annotations
 
@@ -128,4 +129,32 @@ async def _expired(js: JetStreamContext, wid: str) -> dict[str, Any] | None:
 
 def _seconds(iso: str) -> float:
     return datetime.fromisoformat(iso).timestamp()
+
+
+# ---------------------------------------------------------------- numbers out of bounds
+
+
+@bounded(20)
+async def test_registration_with_absurd_numbers_is_rejected(
+    nats_server: NatsServer, nc: Client
+) -> None:
+    js = nc.jetstream()
+    inc = new_incarnation()
+    async with running_registry(nats_server.url, caught_up=True) as registry:
+        absurd = register_body("w-greedy", inc, capability="hybrid", max_concurrent_tasks=1_000_000)
+        ack = await publish(js, "register", "w-greedy", absurd)
+        await eventually(lambda: registry.projector.counters.last_seq >= ack.seq)
+        assert await record(js, "w-greedy") is None
+        ok = await publish(js, "register", "w-greedy", register_body("w-greedy", inc))
+        await eventually(lambda: folded(js, "w-greedy", ok.seq))
+        again = register_body("w-greedy", inc, heartbeat_interval_s=86400.0)
+        ack = await publish(js, "register", "w-greedy", again)
+        rec = await projected(js, registry, "w-greedy", ack.seq)
+        busy = heartbeat_body("w-greedy", inc, active_tasks=10**9)
+        ack = await publish(js, "heartbeat", "w-greedy", busy)
+        rec = await projected(js, registry, "w-greedy", ack.seq)
+    assert rec["event_seq"] == ok.seq  # neither the second registration nor the beat folded
+    assert rec["registration"]["max_concurrent_tasks"] == 2
+    assert rec["heartbeat_interval_s"] == 30.0
+    assert registry.counters()["events_rejected"] == 3
 
