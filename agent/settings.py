@@ -108,10 +108,10 @@ class AgentSettings(ConnectionFields):
     name: str = Field(min_length=1, max_length=256)
     capability: WorkerCapability | None = None  # None: gpu when a GPU is found, else cpu
     worker_id: str | None = None  # None: derived from name and hostname
-    max_concurrent_tasks: int = Field(default=1, ge=1, le=1_000_000)
+    max_concurrent_tasks: int = Field(default=1, ge=1, le=protocol.MAX_SLOTS)
     content_types: tuple[str, ...] = ()  # empty: the capability's defaults
     tags: dict[str, str] = {}
-    heartbeat_interval_s: float = Field(default=5.0, gt=0.0, le=86400.0)
+    heartbeat_interval_s: float = Field(default=5.0, gt=0.0, le=protocol.MAX_HEARTBEAT_INTERVAL_S)
     disk_path: str = "."
     port: int = Field(default=8000, ge=0, le=65535)
     publish_timeout_s: float = Field(default=2.0, gt=0.0)

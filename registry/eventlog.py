@@ -21,7 +21,7 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.js import api
 
-from registry import protocol, timeparse
+from registry import fold, protocol, timeparse
 from registry.protocol import (
     EVENTS_STREAM,
     BadEvent,
@@ -101,6 +101,18 @@ def summarize(event: Event) -> str:
             assert_never(event)
 
 
+def _premature(event: Event, stored_at: datetime) -> str:
+    """A verdict stored before the silence it claims is ignored by the fold, whatever the
+    record: say so. (One claiming less than the worker's interval allows needs the
+    record; `registry explain` replays it.)"""
+    if isinstance(event, ExpiredEvent | LateEvent):
+        claimed = event.timeout_s if isinstance(event, ExpiredEvent) else event.late_after_s
+        problem = fold.silence_problem(claimed, 0.0, event.last_heartbeat, stored_at)
+        if problem is not None:
+            return f"; IGNORED: {problem.reason}"
+    return ""
+
+
 def stored_event(msg: Msg) -> StoredEvent:
     meta = msg.metadata
     _, kind, worker_id = [*msg.subject.split("."), "", ""][:3]
@@ -108,7 +120,7 @@ def stored_event(msg: Msg) -> StoredEvent:
     error: str | None = None
     try:
         event = protocol.decode_event(msg.subject, msg.data)
-        summary = summarize(event)
+        summary = summarize(event) + _premature(event, meta.timestamp)
     except BadEvent as e:
         summary, error = f"rejected: {e}", str(e)
     return StoredEvent(

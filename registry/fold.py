@@ -8,11 +8,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
-from typing import assert_never
+from typing import Final, assert_never
 
 import msgspec
 
 from registry.protocol import (
+    MIN_LATE_FACTOR,
+    MIN_TIMEOUT_FACTOR,
     ZERO_METRICS,
     Availability,
     Event,
@@ -45,13 +47,22 @@ class Ignored:
 
 
 @dataclass(frozen=True, slots=True)
+class Premature(Ignored):
+    """A verdict (expired, late) stored before the silence it claims, or claiming less
+    silence than the registry ever judges: ignored. The sweeper judges again."""
+
+
+PREMATURE: Final = "verdict before the worker was silent for"
+
+
+@dataclass(frozen=True, slots=True)
 class Unregistered:
     """A heartbeat with no registration behind it: the agent must register again."""
 
     reason: str
 
 
-Outcome = Applied | Duplicate | Ignored | Unregistered
+Outcome = Applied | Duplicate | Ignored | Unregistered  # Premature is an Ignored
 
 
 def is_available(
@@ -121,6 +132,9 @@ def _expired(record: WorkerInfo | None, e: ExpiredEvent, seq: int, at: datetime)
         return Ignored(f"already offline ({record.offline_reason})")
     if record.last_heartbeat != e.last_heartbeat:
         return Ignored("a heartbeat arrived after the one the sweeper judged")
+    least = MIN_TIMEOUT_FACTOR * record.heartbeat_interval_s
+    if premature := silence_problem(e.timeout_s, least, record.last_heartbeat, at):
+        return premature
     return Applied(_offline(record, seq, at, OfflineReason.EXPIRED))
 
 
@@ -131,7 +145,31 @@ def _late(record: WorkerInfo | None, e: LateEvent, seq: int, at: datetime) -> Ou
         return Ignored("a heartbeat arrived after the one the sweeper judged late")
     if record.late:
         return Ignored("already late")
+    least = MIN_LATE_FACTOR * record.heartbeat_interval_s
+    if premature := silence_problem(e.late_after_s, least, record.last_heartbeat, at):
+        return premature
     return Applied(_with(record, seq, late=True))
+
+
+def silence_problem(
+    claimed_s: float, least_s: float, last_heartbeat: datetime, stored_at: datetime
+) -> Premature | None:
+    """Why a verdict claiming `claimed_s` of silence, stored at `stored_at`, is refused.
+
+    Both times are JetStream's stored times, so anyone's clock but the server's is
+    out of it: a verdict is applied only once the worker was silent for what it
+    claims, and only if it claims at least `least_s` (the contract's minimum
+    factor of the worker's interval), so a verdict forged right after a beat, or
+    claiming a tiny timeout, changes nothing.
+    """
+    if claimed_s < least_s:
+        return Premature(f"{PREMATURE} {least_s:g}s: it claims {claimed_s:g}s, under the least "
+                         "the registry ever judges")  # fmt: skip
+    silent_s = (stored_at - last_heartbeat).total_seconds()
+    if silent_s < claimed_s:
+        return Premature(f"{PREMATURE} {claimed_s:g}s: stored {silent_s:.3f}s after its "
+                         "last heartbeat")  # fmt: skip
+    return None
 
 
 def _offline(record: WorkerInfo, seq: int, at: datetime, reason: OfflineReason) -> WorkerInfo:

@@ -29,6 +29,28 @@ SERVICE_NAME: Final = "worker-registry"
 EVENT_KINDS: Final = ("register", "heartbeat", "unregister", "expired", "late")
 MAX_EVENT_BYTES: Final = 64 * 1024
 
+# Bounds on what an event may claim (anyone who can publish may claim anything).
+MAX_SLOTS: Final = 4096
+"""The most concurrent tasks a worker may declare (`max_concurrent_tasks`)."""
+MAX_ACTIVE_TASKS: Final = 1_000_000
+"""The most tasks a worker may report running at once (above its slots is `full`, not an error)."""
+MAX_TASK_COUNT: Final = 10**12
+"""The most tasks a worker may report done or failed (a thousand a second for 30 years)."""
+MAX_HEARTBEAT_INTERVAL_S: Final = 3600.0
+"""The longest heartbeat interval a worker may declare."""
+MAX_CPU_CORES: Final = 65536
+MAX_GPUS: Final = 1024
+MAX_GIB: Final = 2.0**30
+"""The largest size in GiB (1 EiB)."""
+MAX_LIST: Final = 256
+"""The most content types or tags in a registration."""
+
+# What a verdict must claim (see fold.py): the least silence the registry ever judges.
+MIN_TIMEOUT_FACTOR: Final = 2.0
+"""An expiry claims at least this many of the worker's intervals (`timeout_factor` >= it)."""
+MIN_LATE_FACTOR: Final = 1.25
+"""A late notice claims at least this many of the worker's intervals (`late_factor` >= it, or 0)."""
+
 _ID_RE: Final = re.compile(r"[A-Za-z0-9_-]{1,128}")
 
 
@@ -73,12 +95,18 @@ def new_msg_id() -> str:
 
 Percent = Annotated[float, Meta(ge=0.0, le=100.0)]
 Count = Annotated[int, Meta(ge=0, le=2**53)]
-Size = Annotated[float, Meta(ge=0.0, le=1e12)]
+Cores = Annotated[int, Meta(ge=0, le=MAX_CPU_CORES)]
+Gpus = Annotated[int, Meta(ge=0, le=MAX_GPUS)]
+Slots = Annotated[int, Meta(ge=1, le=MAX_SLOTS)]
+ActiveTasks = Annotated[int, Meta(ge=0, le=MAX_ACTIVE_TASKS)]
+TaskCount = Annotated[int, Meta(ge=0, le=MAX_TASK_COUNT)]
+Size = Annotated[float, Meta(ge=0.0, le=MAX_GIB)]
 Seconds = Annotated[float, Meta(ge=0.0, le=1e9)]
-Interval = Annotated[float, Meta(gt=0.0, le=86400.0)]
+Interval = Annotated[float, Meta(gt=0.0, le=MAX_HEARTBEAT_INTERVAL_S)]
 Text = Annotated[str, Meta(max_length=1024)]
 Name = Annotated[str, Meta(min_length=1, max_length=256)]
 WorkerId = Annotated[str, Meta(pattern=r"^[A-Za-z0-9_-]{1,128}$")]
+ContentTypes = Annotated[list[Annotated[str, Meta(max_length=128)]], Meta(max_length=MAX_LIST)]
 Seq = Annotated[int, Meta(ge=0)]
 
 
@@ -121,7 +149,7 @@ class _Model(msgspec.Struct, frozen=True, kw_only=True, gc=False):
 class GpuInfo(_Model, frozen=True, kw_only=True):
     """One GPU as the agent probed it (an addition to HardwareInfo)."""
 
-    index: Count
+    index: Gpus
     model: Text = ""
     memory_gb: Size = 0.0
     memory_used_gb: Size = 0.0
@@ -130,13 +158,13 @@ class GpuInfo(_Model, frozen=True, kw_only=True):
 
 
 class HardwareInfo(_Model, frozen=True, kw_only=True):
-    cpu_cores: Count
+    cpu_cores: Cores
     memory_gb: Size
-    gpu_count: Count = 0
+    gpu_count: Gpus = 0
     gpu_memory_gb: Size = 0.0
-    gpu_models: list[Text] = []
+    gpu_models: Annotated[list[Text], Meta(max_length=MAX_GPUS)] = []
     disk_space_gb: Size = 0.0
-    gpus: list[GpuInfo] = []
+    gpus: Annotated[list[GpuInfo], Meta(max_length=MAX_GPUS)] = []
 
 
 class WorkerLocation(_Model, frozen=True, kw_only=True):
@@ -151,9 +179,9 @@ class WorkerMetrics(_Model, frozen=True, kw_only=True):
     cpu_usage_percent: Percent
     memory_usage_percent: Percent
     gpu_usage_percent: Percent = 0.0
-    active_tasks: Count = 0
-    completed_tasks: Count = 0
-    failed_tasks: Count = 0
+    active_tasks: ActiveTasks = 0
+    completed_tasks: TaskCount = 0
+    failed_tasks: TaskCount = 0
     avg_task_duration_seconds: Seconds = 0.0
     gpu_memory_used_gb: Size = 0.0
 
@@ -171,9 +199,11 @@ class WorkerRegistration(_Model, frozen=True, kw_only=True):
     capability: WorkerCapability
     hardware: HardwareInfo
     location: WorkerLocation
-    max_concurrent_tasks: Annotated[int, Meta(ge=1, le=1_000_000)] = 1
-    supported_content_types: list[Annotated[str, Meta(max_length=128)]] = []
-    tags: dict[Annotated[str, Meta(max_length=128)], Text] = {}
+    max_concurrent_tasks: Slots = 1
+    supported_content_types: ContentTypes = []
+    tags: Annotated[
+        dict[Annotated[str, Meta(max_length=128)], Text], Meta(max_length=MAX_LIST)
+    ] = {}
 
 
 # ---------------------------------------------------------------- events
@@ -352,10 +382,10 @@ class Availability(_Model, frozen=True, kw_only=True):
     available: bool
     status: WorkerStatus
     capability: WorkerCapability
-    supported_content_types: list[str] = []
-    active_tasks: Count = 0
-    max_concurrent_tasks: Annotated[int, Meta(ge=1)] = 1
-    reason: str = ""
+    supported_content_types: ContentTypes = []
+    active_tasks: ActiveTasks = 0
+    max_concurrent_tasks: Slots = 1
+    reason: Text = ""
     changed_at: datetime
     event_seq: Seq = 0
 

@@ -64,6 +64,10 @@ class DeadlineHeap:
     def discard(self, worker_id: str) -> None:
         self._current.pop(worker_id, None)
 
+    def pending(self, worker_id: str) -> float | None:
+        """The last heartbeat of the worker's pending deadline; None if it has none."""
+        return self._current.get(worker_id)
+
     def next_at(self) -> float | None:
         while self._heap and not self._valid(self._heap[0]):
             heapq.heappop(self._heap)

@@ -95,11 +95,13 @@ class View:
         return self.counts
 
 
-def register(worker_id: str, incarnation: str = "inc-1", **kw: Any) -> RegisterEvent:
+def register(
+    worker_id: str, incarnation: str = "inc-1", heartbeat_interval_s: float = 5.0, **kw: Any
+) -> RegisterEvent:
     reg = make_info(worker_id, **kw).registration
     return RegisterEvent(
         worker_id=worker_id, incarnation=incarnation, sent_at=T0, registration=reg,
-        heartbeat_interval_s=5.0,
+        heartbeat_interval_s=heartbeat_interval_s,
     )  # fmt: skip
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pydantic import ConfigDict, Field
 
 from agent.settings import ConnectionFields
+from registry.protocol import MAX_HEARTBEAT_INTERVAL_S
 
 
 class SimSettings(ConnectionFields):
@@ -13,7 +14,7 @@ class SimSettings(ConnectionFields):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     count: int = Field(default=200, ge=1, le=1_000_000)
-    heartbeat_interval_s: float = Field(default=5.0, gt=0.0, le=86400.0)
+    heartbeat_interval_s: float = Field(default=5.0, gt=0.0, le=MAX_HEARTBEAT_INTERVAL_S)
     churn: float = Field(default=0.0, ge=0.0, le=60.0)  # fraction of the fleet per minute
     duration_s: float | None = Field(default=None, gt=0.0)
     seed: int | None = None

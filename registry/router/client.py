@@ -72,6 +72,7 @@ class Router:
         self._prefix = subject.removesuffix(">")
         self._arrivals = Arrivals()  # the workers listed at start(), until each has come
         self._last_seq = 0
+        self.rejected = 0  # availability messages not taken: undecodable, out of bounds, wrong id
         self._watchers: set[asyncio.Queue[object]] = set()
         self._owns_connection = False
         self._closed = False
@@ -196,12 +197,18 @@ class Router:
             self._arrivals.came(msg.subject[len(self._prefix) :])
 
     def _take(self, subject: str, data: bytes) -> None:
-        try:
+        try:  # the contract's bounds: a forged max_concurrent_tasks of 1,000,000 stays out
             avail = AVAILABILITY_DECODER.decode(data)
+        except msgspec.ValidationError as e:
+            self.rejected += 1
+            log.warning("availability_invalid", subject=subject, error=str(e))
+            return
         except msgspec.DecodeError as e:
+            self.rejected += 1
             log.warning("availability_undecodable", subject=subject, error=str(e))
             return
         if subject.rpartition(".")[2] != avail.worker_id:
+            self.rejected += 1
             log.warning("availability_id_mismatch", subject=subject, worker_id=avail.worker_id)
             return
         if self.index.update(avail):

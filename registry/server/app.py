@@ -50,6 +50,7 @@ class Registry:
         self.sweeper = Sweeper(self.link, settings, self.clock, self.projector.records)
         self.projector.on_change = self.sweeper.observe
         self.projector.on_reset = self.sweeper.reset
+        self.projector.on_premature = self.sweeper.rejudge
 
     def records(self) -> Mapping[str, WorkerInfo]:
         return self.projector.records()

@@ -28,6 +28,7 @@ from registry.fold import (
     Applied,
     Duplicate,
     Ignored,
+    Premature,
     Unregistered,
     availability,
     evolve,
@@ -38,6 +39,7 @@ from registry.protocol import (
     Control,
     Event,
     HeartbeatEvent,
+    LateEvent,
     RegisterEvent,
     WorkerInfo,
     available_subject,
@@ -115,6 +117,7 @@ class Projector:
         names: Names = DEFAULT_NAMES,
         on_change: Callable[[WorkerInfo], None] = lambda r: None,
         on_reset: Callable[[Mapping[str, WorkerInfo]], None] = lambda r: None,
+        on_premature: Callable[[WorkerInfo, bool], None] = lambda r, late: None,
     ) -> None:
         self.link = link
         self.nc = nc = link.nc
@@ -131,6 +134,7 @@ class Projector:
         self._epoch = link.epoch  # the epoch this projector last synced in
         self.on_change = on_change
         self.on_reset = on_reset
+        self.on_premature = on_premature  # (record, late): a verdict was refused as premature
         self._last_control: dict[tuple[str, str, str], float] = {}
         self._clashes_logged: set[tuple[str, str]] = set()
         self._counted_through = 0
@@ -259,7 +263,8 @@ class Projector:
             )
         entry = self.entries.get(wid)
         record = entry.record if entry else None
-        match evolve(record, event, seq, stored_at):
+        outcome = evolve(record, event, seq, stored_at)
+        match outcome:
             case Applied(new):
                 if record is not None and record.live and record.incarnation != new.incarnation:
                     # a restart (the old process died) or a second process: tell the old one
@@ -275,6 +280,8 @@ class Projector:
             case Ignored(reason):
                 self.counters.events_ignored += fresh
                 log.info("event_ignored", seq=seq, worker_id=wid, reason=reason)
+                if isinstance(outcome, Premature) and record is not None:
+                    self.on_premature(record, isinstance(event, LateEvent))
                 if isinstance(event, HeartbeatEvent) and record is not None:
                     if event.incarnation != record.incarnation:  # a replaced process beats on
                         self._supersede(wid, event.incarnation, record.incarnation, stored_at,

@@ -7,6 +7,7 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from registry.connect import Auth, split_servers
+from registry.protocol import MIN_LATE_FACTOR, MIN_TIMEOUT_FACTOR
 
 
 class RegistrySettings(BaseModel):
@@ -21,7 +22,10 @@ class RegistrySettings(BaseModel):
         default=None, description="the embedded server's configuration (None: the packaged one)"
     )
     timeout_floor_s: float = Field(default=1.0, gt=0, le=86400)
-    timeout_factor: float = Field(default=3.0, ge=1.0, le=100.0)
+    timeout_factor: float = Field(
+        default=3.0, ge=MIN_TIMEOUT_FACTOR, le=100.0,
+        description="the fold refuses expiries that claim less (protocol.MIN_TIMEOUT_FACTOR)",
+    )  # fmt: skip
     late_factor: float = Field(default=1.5, ge=0.0, le=100.0, description="0 disables")
     brake_fraction: float = Field(default=0.5, gt=0.0, le=1.0, description="1 disables")
     brake_min_fleet: int = Field(default=10, ge=1)
@@ -41,4 +45,11 @@ class RegistrySettings(BaseModel):
             return None
         if v is not None:
             split_servers(v)  # NatsUrlError (a ValueError) names the bad one
+        return v
+
+    @field_validator("late_factor")
+    @classmethod
+    def _late(cls, v: float) -> float:
+        if 0 < v < MIN_LATE_FACTOR:  # the fold would refuse every late notice it claims
+            raise ValueError(f"late_factor must be 0 (off) or at least {MIN_LATE_FACTOR}")
         return v

@@ -45,6 +45,7 @@ MAX_SLEEP_S = 1.0
 PUBLISH_TIMEOUT_S = 5.0
 HOLD_RECHECK_S = 1.0
 HOLD_LOG_EVERY_S = 5.0
+REJUDGE_AFTER_S = 0.25
 
 
 class Sweeper:
@@ -92,6 +93,27 @@ class Sweeper:
         if self.started:  # before, the heaps are built from all records when judging starts
             self._arm(record, grace_until=0.0)
             self._wake.set()
+
+    def rejudge(self, record: WorkerInfo, late: bool) -> None:
+        """The fold refused a verdict as premature: judge this worker again.
+
+        Ours is refused when the clock estimate ran ahead of the server's stored
+        time; its deadline was popped, so without this a dead worker would stay
+        live. A deadline still pending is left alone (a forged premature verdict
+        must not postpone it), so only a judged worker is re-armed, no sooner than
+        REJUDGE_AFTER_S from now."""
+        wid, last = record.worker_id, record.last_heartbeat.timestamp()
+        heap = self.late_heap if late else self.heap
+        span = self.late_after(record) if late else self.timeout_of(record)
+        if not self.started or not record.live or span is None or heap.pending(wid) == last:
+            return
+        if late and self._silent.pop(wid, None) != last:
+            return  # not judged late by us: nothing to judge again
+        at = max(last + span, self._now() + REJUDGE_AFTER_S)
+        heap.set(wid, last, at)
+        self._wake.set()
+        log.info("verdict_refused_rejudging", worker_id=wid, kind="late" if late else "expired",
+                 at=datetime.fromtimestamp(at, UTC).isoformat())  # fmt: skip
 
     def reset(self, records: Mapping[str, WorkerInfo]) -> None:
         """The projector reloaded the bucket: judge nobody until caught up again."""

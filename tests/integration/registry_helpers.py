@@ -220,6 +220,27 @@ async def folded(js: JetStreamContext, worker_id: str, seq: int) -> dict[str, An
     return rec if rec is not None and rec["event_seq"] >= seq else None
 
 
+async def projected(
+    js: JetStreamContext, registry: app.Registry, worker_id: str, seq: int
+) -> dict[str, Any]:
+    """The record once the projector has taken stream sequence `seq` (applied, ignored or
+    rejected: an event that changes nothing leaves no mark on the record)."""
+    await eventually(lambda: registry.projector.counters.last_seq >= seq)
+    rec = await record(js, worker_id)
+    assert rec is not None, f"no record of {worker_id}"
+    return rec
+
+
+def late_body(worker_id: str, last_heartbeat: str, late_after_s: float) -> dict[str, Any]:
+    return {
+        "v": 1,
+        "worker_id": worker_id,
+        "last_heartbeat": last_heartbeat,
+        "late_after_s": late_after_s,
+        "detected_at": rfc3339(),
+    }
+
+
 async def last_availability(js: JetStreamContext, worker_id: str) -> dict[str, Any]:
     msg = await js.get_last_msg(AVAILABILITY, f"worker.available.{worker_id}")
     assert msg.data is not None

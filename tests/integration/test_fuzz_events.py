@@ -104,7 +104,8 @@ json_values = st.recursive(
 extras = st.dictionaries(st.text("abcdefgh", min_size=1, max_size=8).map(lambda k: "x_" + k),
                          json_values, max_size=3)  # fmt: skip
 percent = st.floats(0.0, 100.0)
-count = st.integers(0, 2**53)
+active = st.integers(0, 1_000_000)  # docs/wire.md, "Bounds"
+count = st.integers(0, 10**12)
 statuses = st.sampled_from(["online", "offline", "busy", "error", "maintenance"])
 sent_ats = st.datetimes(timezones=st.just(UTC)).map(lambda d: d.isoformat())
 
@@ -113,7 +114,7 @@ valid_metrics = st.builds(
     lambda fields, more: {**fields, **more},
     st.fixed_dictionaries({
         "cpu_usage_percent": percent, "memory_usage_percent": percent, "gpu_usage_percent": percent,
-        "active_tasks": count, "failed_tasks": count, "avg_task_duration_seconds": st.floats(0.0, 1e9),
+        "active_tasks": active, "failed_tasks": count, "avg_task_duration_seconds": st.floats(0.0, 1e9),
     }),
     extras,
 )  # fmt: skip
@@ -270,11 +271,13 @@ OUT_OF_RANGE = st.one_of(
     st.tuples(st.just("heartbeat"), st.sampled_from([("metrics", "cpu_usage_percent"), ("metrics", "memory_usage_percent"),
               ("metrics", "gpu_usage_percent")]),
               st.floats(100.0, exclude_min=True, allow_infinity=False) | st.floats(max_value=0.0, exclude_max=True, allow_infinity=False)),
-    st.tuples(st.just("heartbeat"), st.just(("metrics", "completed_tasks")), st.integers(2**53 + 1, 2**64)),
+    st.tuples(st.just("heartbeat"), st.just(("metrics", "completed_tasks")), st.integers(10**12 + 1, 2**64)),
+    st.tuples(st.just("heartbeat"), st.just(("metrics", "active_tasks")), st.integers(1_000_001, 2**64)),
     st.tuples(st.just("register"), st.just(("heartbeat_interval_s",)),
-              st.floats(max_value=0.0, allow_infinity=False) | st.floats(86400.0, exclude_min=True, allow_infinity=False)),
-    st.tuples(st.just("register"), st.just(("registration", "max_concurrent_tasks")), st.integers(max_value=0) | st.integers(1_000_001)),
-    st.tuples(st.just("register"), st.just(("registration", "hardware", "cpu_cores")), st.integers(max_value=-1)),
+              st.floats(max_value=0.0, allow_infinity=False) | st.floats(3600.0, exclude_min=True, allow_infinity=False)),
+    st.tuples(st.just("register"), st.just(("registration", "max_concurrent_tasks")), st.integers(max_value=0) | st.integers(4097)),
+    st.tuples(st.just("register"), st.just(("registration", "hardware", "cpu_cores")), st.integers(max_value=-1) | st.integers(65537)),
+    st.tuples(st.just("register"), st.just(("registration", "hardware", "memory_gb")), st.floats(2.0**30, exclude_min=True, allow_infinity=False)),
     st.tuples(st.just("register"), st.just(("registration", "location", "port")), st.integers(65536) | st.integers(max_value=-1)),
 )  # fmt: skip
 VERSIONS = st.tuples(st.just("heartbeat"), st.just(("v",)),

@@ -346,15 +346,17 @@ async def test_events_of_one_worker_among_200k_others_answer_within_a_second(
 async def test_explain_an_expired_worker(
     capsys: pytest.CaptureFixture[str], nats_server: NatsServer, js: JetStreamContext
 ) -> None:
-    await publish_events(js, register("w"), heartbeat("w"))
+    await publish_events(js, register("w", heartbeat_interval_s=0.1), heartbeat("w"))
     last = (await project(js, "w")).last_heartbeat
-    await publish_events(js, expired("w", last, timeout_s=15.0))
+    await asyncio.sleep(0.3)  # the silence the expiry claims: the fold checks stored times
+    await publish_events(js, expired("w", last, timeout_s=0.3))
     await project(js, "w")
     code, out, _ = await run(capsys, "explain", "w", "--nats", nats_server.url)
     assert code == 0
     assert "OFFLINE: expired at" in out
     assert (
-        f"no heartbeat since {protocol_time(last)} (timeout 15s; it promised one every 5s)" in out
+        f"no heartbeat since {protocol_time(last)} (timeout 0.3s; it promised one every 0.1s)"
+        in out
     )
     assert "registered 'w-name' capability=gpu slots=2" in out
 
@@ -389,6 +391,22 @@ async def test_explain_says_why_an_event_was_ignored(
     assert timeline[1].startswith("re-registered by a new process (incarnation old is superseded")
     assert timeline[2].startswith("IDENTITY CLASH: two processes claim this id")
     assert "stale incarnation: heartbeat from a process that was replaced" in timeline[2]
+
+
+async def test_explain_and_events_say_a_forged_expiry_came_before_the_silence(
+    capsys: pytest.CaptureFixture[str], nats_server: NatsServer, js: JetStreamContext
+) -> None:
+    await publish_events(js, register("w"), heartbeat("w"))
+    last = (await project(js, "w")).last_heartbeat
+    await publish_events(js, expired("w", last, timeout_s=15.0))  # stored at once
+    assert (await project(js, "w")).live
+    _, out, _ = await run(capsys, "explain", "w", "--json", "--nats", nats_server.url)
+    timeline = [line["what"] for line in json.loads(out)["timeline"]]
+    assert timeline[-1].startswith("ignored expired: verdict before the worker was silent for 15s")
+    _, out, _ = await run(capsys, "events", "--worker", "w", "--kind", "expired", "--json",
+                          "--nats", nats_server.url)  # fmt: skip
+    (event,) = json.loads(out)
+    assert "IGNORED: verdict before the worker was silent for 15s" in event["summary"]
 
 
 async def test_explain_unknown_id_is_exit_1(

@@ -3,6 +3,7 @@ rebuilds exactly the same state from the stream."""
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from nats.aio.client import Client
@@ -78,11 +79,16 @@ async def _mixed_history(js: JetStreamContext) -> dict[str, int]:
     await send("unregister", "w-zombie", unregister_body("w-zombie", old), False)
     await send("heartbeat", "w-zombie", heartbeat_body("w-zombie", new, active_tasks=3))
     # expired by a published expiry, then revived by its own incarnation
-    await send("register", "w-back", register_body("w-back", back, heartbeat_interval_s=SLOW))
+    # (at a short interval: the fold applies an expiry only after the silence it claims,
+    # at least two intervals; the sweeper would judge after three)
+    await send("register", "w-back", register_body("w-back", back, heartbeat_interval_s=0.2))
     await eventually(lambda: folded(js, "w-back", last["w-back"]))
     judged = (await record(js, "w-back"))["last_heartbeat"]  # type: ignore[index]
-    await send("expired", "w-back", expired_body("w-back", judged, 3 * SLOW))
+    await asyncio.sleep(0.4)
+    await send("expired", "w-back", expired_body("w-back", judged, 0.4))
     await send("heartbeat", "w-back", heartbeat_body("w-back", back, completed_tasks=7))
+    # the same process registers again at a slow interval: nobody sweeps it meanwhile
+    await send("register", "w-back", register_body("w-back", back, heartbeat_interval_s=SLOW))
     # a heartbeat nobody registered: no record, only a control message
     await send("heartbeat", "w-stranger", heartbeat_body("w-stranger", new_incarnation()), False)
     # expired by the sweeper: beats once at a short interval, then goes silent

@@ -3,6 +3,7 @@ expiry that a heartbeat overtook changes nothing."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from datetime import UTC, datetime
 from typing import Any
@@ -138,11 +139,14 @@ async def test_expiry_of_the_current_heartbeat_takes_worker_offline(
 ) -> None:
     js = nc.jetstream()
     inc = new_incarnation()
-    async with running_registry(nats_server.url):
-        await publish(js, "register", "w-gone", register_body("w-gone", inc))
+    # the registry's own sweeper would wait a minute: this expiry is published by hand
+    async with running_registry(nats_server.url, timeout_floor_s=60.0, late_factor=0.0):
+        body = register_body("w-gone", inc, heartbeat_interval_s=0.1)
+        await publish(js, "register", "w-gone", body)
         beat = await publish(js, "heartbeat", "w-gone", heartbeat_body("w-gone", inc))
         judged = (await eventually(lambda: folded(js, "w-gone", beat.seq)))["last_heartbeat"]
-        ack = await publish(js, "expired", "w-gone", expired_body("w-gone", judged, 90.0))
+        await asyncio.sleep(0.3)  # the silence the expiry claims (the fold checks stored times)
+        ack = await publish(js, "expired", "w-gone", expired_body("w-gone", judged, 0.3))
         rec = await eventually(lambda: folded(js, "w-gone", ack.seq))
         avail = await eventually(lambda: _announced(js, "w-gone", ack.seq), timeout=2.0)
     assert rec["offline_reason"] == "expired" and rec["available"] is False

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 import statistics
 import time
@@ -253,3 +254,42 @@ def naive_pick(fleet: list[Availability]) -> str:
 
 def overbooked(assigned: Counter[str], slots: int) -> int:
     return sum(max(0, n - slots) for n in assigned.values())
+
+
+# ---------------------------------------------------------------- forged availability
+
+
+def _raw_availability(wid: str, subject_id: str | None = None, slots: int = 1) -> tuple[str, bytes]:
+    """An availability body as anyone could publish it (no permissions on the server)."""
+    body = {
+        "v": 1, "worker_id": wid, "available": True, "status": "online", "capability": "hybrid",
+        "supported_content_types": [], "active_tasks": 0, "max_concurrent_tasks": slots,
+        "reason": "ok", "changed_at": "2026-11-28T12:00:00Z", "event_seq": 1,
+    }  # fmt: skip
+    return f"worker.available.{subject_id or wid}", json.dumps(body).encode()
+
+
+async def test_forged_availability_with_absurd_numbers_never_enters_the_index(
+    nats_server: NatsServer, js: JetStreamContext
+) -> None:
+    """A hybrid worker claiming a million free slots would take nearly every pick."""
+    await publish(js, make_avail("w-real", capability="gpu", max_tasks=2, event_seq=1))
+    await js.publish(*_raw_availability("x", slots=1_000_000))
+    await js.publish(*_raw_availability("w-real", subject_id="y", slots=8))  # not y's body
+    async with await Router.connect(nats_server.url) as router:
+        assert router.get("x") is None and router.get("y") is None
+        assert router.rejected == 2
+        await js.publish(*_raw_availability("z", slots=1_000_000))  # while it follows
+        await eventually(lambda: router.rejected == 3)
+        picks = {(w.worker_id if w else None) for w in (router.pick("gpu") for _ in range(2))}
+        assert len(router) == 1 and picks == {"w-real"}
+
+
+async def test_availability_within_the_bounds_is_taken(
+    nats_server: NatsServer, js: JetStreamContext
+) -> None:
+    await js.publish(*_raw_availability("x", slots=protocol.MAX_SLOTS))
+    async with await Router.connect(nats_server.url) as router:
+        x = router.get("x")
+        assert x is not None and x.max_concurrent_tasks == protocol.MAX_SLOTS
+        assert router.rejected == 0

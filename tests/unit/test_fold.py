@@ -7,8 +7,20 @@ from datetime import UTC, datetime, timedelta
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from registry.fold import Applied, Duplicate, Ignored, Outcome, Unregistered, availability, evolve
+from registry.fold import (
+    PREMATURE,
+    Applied,
+    Duplicate,
+    Ignored,
+    Outcome,
+    Premature,
+    Unregistered,
+    availability,
+    evolve,
+)
 from registry.protocol import (
+    MIN_LATE_FACTOR,
+    MIN_TIMEOUT_FACTOR,
     Event,
     ExpiredEvent,
     HardwareInfo,
@@ -27,6 +39,9 @@ from registry.protocol import (
 
 T0 = datetime(2026, 11, 28, 12, 0, tzinfo=UTC)
 WID = "w1"
+INTERVAL = 0.25  # events in these tests are stored a second apart: four intervals
+TIMEOUT = 1.0  # what expire() claims (the sweeper's default would be 3 intervals)
+LATE = 0.5  # what late() claims
 
 
 def at(i: int) -> datetime:
@@ -41,8 +56,9 @@ def register(inc: str = "a", max_tasks: int = 2) -> RegisterEvent:
         max_concurrent_tasks=max_tasks, supported_content_types=["audio"],
     )  # fmt: skip
     return RegisterEvent(
-        worker_id=WID, incarnation=inc, sent_at=T0, registration=reg, heartbeat_interval_s=1.0
-    )
+        worker_id=WID, incarnation=inc, sent_at=T0, registration=reg,
+        heartbeat_interval_s=INTERVAL,
+    )  # fmt: skip
 
 
 def beat(inc: str = "a", status: WorkerStatus = WorkerStatus.ONLINE, active: int = 0, done: int = 0) -> HeartbeatEvent:
@@ -56,12 +72,13 @@ def leave(inc: str = "a") -> UnregisterEvent:
     return UnregisterEvent(worker_id=WID, incarnation=inc, sent_at=T0, reason="shutdown")
 
 
-def expire(last: datetime) -> ExpiredEvent:
-    return ExpiredEvent(worker_id=WID, last_heartbeat=last, timeout_s=3.0, detected_at=last)
+def expire(last: datetime, timeout_s: float = TIMEOUT) -> ExpiredEvent:
+    return ExpiredEvent(worker_id=WID, last_heartbeat=last, timeout_s=timeout_s, detected_at=last)
 
 
-def late(last: datetime) -> LateEvent:
-    return LateEvent(worker_id=WID, last_heartbeat=last, late_after_s=1.5, detected_at=last)
+def late(last: datetime, late_after_s: float = LATE) -> LateEvent:
+    return LateEvent(worker_id=WID, last_heartbeat=last, late_after_s=late_after_s,
+                     detected_at=last)  # fmt: skip
 
 
 def run(events: list[Event], start: int = 1) -> tuple[WorkerInfo | None, list[Outcome]]:
@@ -166,6 +183,60 @@ def test_late_worker_can_still_expire_and_revive() -> None:
     assert rec is not None and rec.offline_reason is OfflineReason.EXPIRED and not rec.late
     rec, _ = run([register(), late(at(1)), expire(at(1)), beat()])
     assert rec is not None and rec.live and rec.available
+
+
+# ---------------------------------------------------------------- verdicts need silence
+
+
+def _registered() -> WorkerInfo:
+    rec, _ = run([register()])
+    assert rec is not None and rec.last_heartbeat == at(1)
+    return rec
+
+
+def _after(seconds: float) -> datetime:
+    return at(1) + timedelta(seconds=seconds)
+
+
+def test_expiry_stored_just_before_the_claimed_silence_is_refused() -> None:
+    out = evolve(_registered(), expire(at(1), TIMEOUT), 2, _after(TIMEOUT - 1e-6))
+    assert isinstance(out, Premature) and out.reason.startswith(PREMATURE)
+    assert isinstance(out, Ignored)  # refused like any ignored event: acked, logged, counted
+
+
+def test_expiry_stored_at_the_claimed_silence_is_applied() -> None:
+    out = evolve(_registered(), expire(at(1), TIMEOUT), 2, _after(TIMEOUT))
+    assert isinstance(out, Applied) and out.record.offline_reason is OfflineReason.EXPIRED
+
+
+def test_expiry_claiming_less_than_the_least_timeout_is_refused_however_late() -> None:
+    least = MIN_TIMEOUT_FACTOR * INTERVAL
+    out = evolve(_registered(), expire(at(1), least * 0.999), 2, _after(3600))
+    assert isinstance(out, Premature) and out.reason.startswith(f"{PREMATURE} {least:g}s")
+    out = evolve(_registered(), expire(at(1), least), 2, _after(least))
+    assert isinstance(out, Applied)
+
+
+def test_late_notice_stored_just_before_the_claimed_silence_is_refused() -> None:
+    out = evolve(_registered(), late(at(1), LATE), 2, _after(LATE - 1e-6))
+    assert isinstance(out, Premature) and out.reason.startswith(PREMATURE)
+    out = evolve(_registered(), late(at(1), LATE), 2, _after(LATE))
+    assert isinstance(out, Applied) and out.record.late and not out.record.available
+
+
+def test_late_notice_claiming_less_than_the_least_late_is_refused_however_late() -> None:
+    least = MIN_LATE_FACTOR * INTERVAL
+    out = evolve(_registered(), late(at(1), least * 0.999), 2, _after(3600))
+    assert isinstance(out, Premature)
+    out = evolve(_registered(), late(at(1), least), 2, _after(least))
+    assert isinstance(out, Applied) and out.record.late
+
+
+def test_forged_verdicts_right_after_a_beat_leave_the_worker_available() -> None:
+    """The attack: copy last_heartbeat from the bucket, claim a small timeout, publish."""
+    rec, outs = run([register(), beat(), expire(at(2), 0.01), late(at(2), 0.01)])
+    assert all(isinstance(o, Premature) for o in outs[2:])
+    assert rec is not None and rec.live and rec.available and not rec.late
 
 
 # ---------------------------------------------------------------- properties

@@ -133,3 +133,56 @@ def test_worker_info_decodes_what_it_encodes() -> None:
         "v", "registration", "status", "metrics", "last_heartbeat", "registered_at",
         "available", "event_seq", "incarnation", "offline_reason", "version",
     }  # fmt: skip
+
+
+def _register_with(**registration: object) -> bytes:
+    body = json.loads(golden("register.json"))
+    body["registration"] = {**body["registration"], **registration}
+    return json.dumps(body).encode()
+
+
+@pytest.mark.parametrize(
+    ("field", "largest"),
+    [
+        ("max_concurrent_tasks", protocol.MAX_SLOTS),
+        ("supported_content_types", ["text"] * protocol.MAX_LIST),
+        ("hardware", {"cpu_cores": protocol.MAX_CPU_CORES, "memory_gb": protocol.MAX_GIB}),
+    ],
+)
+def test_registration_at_the_bounds_decodes_and_past_them_is_invalid(
+    field: str, largest: object
+) -> None:
+    decode_event("worker.register.gpu-box-1", _register_with(**{field: largest}))
+    past: object
+    if isinstance(largest, int):
+        past = largest + 1
+    elif isinstance(largest, list):
+        past = [*largest, "text"]
+    else:
+        past = {"cpu_cores": protocol.MAX_CPU_CORES + 1, "memory_gb": 1.0}
+    with pytest.raises(BadEvent) as e:
+        decode_event("worker.register.gpu-box-1", _register_with(**{field: past}))
+    assert e.value.reason == "invalid"
+
+
+def test_heartbeat_interval_and_task_counts_are_bounded() -> None:
+    body = json.loads(golden("register.json"))
+    body["heartbeat_interval_s"] = protocol.MAX_HEARTBEAT_INTERVAL_S + 1
+    with pytest.raises(BadEvent, match="heartbeat_interval_s"):
+        decode_event("worker.register.gpu-box-1", json.dumps(body).encode())
+    for name, largest in (("active_tasks", protocol.MAX_ACTIVE_TASKS),
+                          ("completed_tasks", protocol.MAX_TASK_COUNT)):  # fmt: skip
+        hb = json.loads(golden("heartbeat.json"))
+        hb["metrics"][name] = largest
+        decode_event(HB, json.dumps(hb).encode())
+        hb["metrics"][name] = largest + 1
+        with pytest.raises(BadEvent, match=name):
+            decode_event(HB, json.dumps(hb).encode())
+
+
+def test_availability_with_absurd_numbers_does_not_decode() -> None:
+    body = json.loads(golden("available.json"))
+    protocol.AVAILABILITY_DECODER.decode(json.dumps(body).encode())
+    for name, absurd in (("max_concurrent_tasks", 1_000_000), ("active_tasks", 10**9)):
+        with pytest.raises(msgspec.ValidationError, match=name):
+            protocol.AVAILABILITY_DECODER.decode(json.dumps({**body, name: absurd}).encode())

@@ -18,6 +18,9 @@ import pytest
 from agent.simulate import ALIVE, Fleet, SimSettings, SimWorker, profiles, sent_at_now
 from agent.simulate.wire import Metrics, heartbeat_body, heartbeat_prefix
 from registry.protocol import (
+    MAX_ACTIVE_TASKS,
+    MAX_GIB,
+    MAX_TASK_COUNT,
     Event,
     HeartbeatEvent,
     RegisterEvent,
@@ -29,7 +32,7 @@ from registry.protocol import (
     new_incarnation,
 )
 
-MAX_COUNT = 2**53  # the contract's largest task count
+MAX_COUNT = MAX_TASK_COUNT  # the contract's largest count of tasks done
 
 
 def _decoded(subject: str, body: bytes) -> Event:
@@ -100,7 +103,7 @@ def test_hand_picked_metrics_are_the_contracts_encoding() -> None:
     prefix = heartbeat_prefix("w_2-B", incarnation)
     edges: list[Metrics] = [
         (0.0, 0.0, 0.0, 0, 0, 0, 0.0, 0.0),
-        (100.0, 100.0, 100.0, MAX_COUNT, MAX_COUNT, MAX_COUNT, 1e9, 1e12),
+        (100.0, 100.0, 100.0, MAX_ACTIVE_TASKS, MAX_COUNT, MAX_COUNT, 1e9, MAX_GIB),
         (0.1, 99.9, 33.3, 1, 2, 3, 0.001, 0.01),
         (12.5, 7.0, 0.0, 4, 123456, 7, 7.389, 509.76),
     ]
