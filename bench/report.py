@@ -124,6 +124,26 @@ def targets(r: dict[str, Any]) -> list[str]:
                 _at_scale(cs["workers"], _ok(cs["seconds"], 30)),
             ]
         )
+    tr = _get(r, "trust")
+    if tr:
+        ratios = tr["ratios"]
+        rows.append(
+            [
+                "secured / open projector throughput",
+                f"{ratios['fold_rate']:.2f} ({tr['secured']['fold']['rate']:,} vs {tr['open']['fold']['rate']:,} events/s)",
+                ">= 0.9",
+                _ok(ratios["fold_rate"], 0.9, below=False),
+            ]
+        )
+        b_open, b_sec = tr["open"]["event_to_bucket"], tr["secured"]["event_to_bucket"]
+        rows.append(
+            [
+                "open / secured event -> bucket p99",
+                f"{1 / ratios['event_to_bucket_p99']:.2f} ({b_sec['p99']} vs {b_open['p99']} ms)",
+                ">= 0.9",
+                _ok(1 / ratios["event_to_bucket_p99"], 0.9, below=False),
+            ]
+        )
     return _table(["figure", "measured", "target", ""], rows)  # fmt: skip
 
 
@@ -153,7 +173,27 @@ def markdown(doc: dict[str, Any]) -> str:
     out += _latency(_get(r, "latency"))
     out += _routing(_get(r, "routing"))
     out += _scale(_get(r, "scale"))
+    out += _trust(_get(r, "trust"))
     return "\n".join(out)
+
+
+def _trust(tr: dict[str, Any] | None) -> list[str]:
+    if not tr:
+        return []
+    out = ["## Secured beside open (bench/trust.py)", ""]
+    rows = []
+    for mode in ("open", "secured"):
+        m = tr[mode]
+        rows.append([
+            mode, f"{m['start_s']} s", f"{m['idle_rss_mb']} MiB", f"{m['fold']['rate']:,}/s",
+            _p(m["event_to_bucket"], " ms"), f"{m['connect']['ms_per_connection']} ms",
+            f"{m['connect']['server_rss_mb']} MiB ({m['connect']['count']:,} clients)",
+        ])  # fmt: skip
+    out += _table(["server", "start", "idle RSS", "fold", "event -> bucket p50/p99/max",
+                   "per connection", "server RSS connected"], rows)  # fmt: skip
+    out += [f"Minting credentials: {tr['mint']['per_second']:,} per second "
+            f"({tr['mint']['count']:,} minted).", ""]  # fmt: skip
+    return out
 
 
 def _throughput(tp: list[dict[str, Any]] | None) -> list[str]:

@@ -27,13 +27,13 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench import latency, report, routing, scale, throughput
+from bench import latency, report, routing, scale, throughput, trust
 from bench.common import machine
 from bench.profile import PySpy, summary
 from registry import logs
 
 RESULTS = Path(__file__).resolve().parent / "results"
-PARTS = ("throughput", "latency", "routing", "scale")
+PARTS = ("throughput", "latency", "routing", "scale", "trust")
 
 SIZES: dict[str, dict[str, Any]] = {
     "quick": {
@@ -46,6 +46,8 @@ SIZES: dict[str, dict[str, Any]] = {
         "routing": [1000, 10000],
         "memory": [1000, 5000],
         "bytes_sample": (50, 5),
+        "trust": {"workers": 1000, "rounds": 5, "agents": 20, "rate_hz": 20.0,
+                  "duration_s": 6.0, "conns": 200, "mints": 1000},
     },
     "full": {
         "throughput": [(1000, 50), (10000, 5), (100000, 1)],
@@ -60,6 +62,8 @@ SIZES: dict[str, dict[str, Any]] = {
         "routing": [1000, 10000, 100000],
         "memory": [1000, 10000, 100000],
         "bytes_sample": (200, 20),
+        "trust": {"workers": 10000, "rounds": 5, "agents": 50, "rate_hz": 20.0,
+                  "duration_s": 20.0, "conns": 1000, "mints": 5000},
     },
 }  # fmt: skip
 
@@ -103,7 +107,11 @@ async def run_parts(mode: str, parts: list[str], profile: bool) -> dict[str, Any
     await part("throughput", tp)
     await part("latency", lat)
     await part("routing", rt)
+    async def tr() -> dict[str, Any]:
+        return await trust.measure(**sizes["trust"])
+
     await part("scale", sc)
+    await part("trust", tr)
     return results
 
 

@@ -13,7 +13,7 @@ Layout (seeds are 0600, the directory 0700):
     signing/<role>.nk              one scoped signing key per role (roles.py)
     system-user.creds              a system-account user, to push account updates
     registry.creds admin.creds     minted at init for the registry process and for people
-    issued.json                    every identity minted: name, role, user key, times
+    issued.jsonl                   every identity minted (a JSON line each): name, role, user key, times
     auth.conf                      operator, system account, resolver: include it in a config
     server.conf                    a whole nats-server configuration that includes auth.conf
     resolver/                      the server's account store (type full: keeps pushed updates)
@@ -39,6 +39,7 @@ from registry.trust.roles import ROLES, template
 
 ACCOUNT_NAME: Final = "REGISTRY"
 SYSTEM_NAME: Final = "SYS"
+LEDGER: Final = "issued.jsonl"
 NAME_PATTERN: Final = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
 
 _UNLIMITED: Final = {
@@ -101,7 +102,7 @@ class AuthDir:
             "nats": {"type": "account", "version": 2, "limits": _UNLIMITED},
         }  # fmt: skip
         (root / "system.jwt").write_text(jwt.encode(system_claims, operator_seed))
-        (root / "issued.json").write_text("[]\n")
+        (root / LEDGER).write_text("")
         auth = cls(root)
         auth._sign_account({})
         user_seed, user = jwt.new_key("user")
@@ -171,10 +172,12 @@ class AuthDir:
         return dict(claims["nats"].get("revocations") or {})
 
     def issued(self) -> list[Issued]:
+        path = self.root / LEDGER
         try:
-            return [Issued(**row) for row in json.loads((self.root / "issued.json").read_text())]
+            with path.open() as f:
+                return [Issued(**json.loads(line)) for line in f if line.strip()]
         except (OSError, ValueError, TypeError) as e:
-            raise TrustError(f"{self.root / 'issued.json'}: unreadable ledger ({e})") from None
+            raise TrustError(f"{path}: unreadable ledger ({e})") from None
 
     def is_revoked(self, i: Issued) -> bool:
         at = self.revocations().get(i.user)
@@ -239,10 +242,9 @@ class AuthDir:
         (self.root / "account.jwt").write_text(token)
 
     def _record(self, issued: Issued) -> None:
-        rows = [vars(i) for i in self.issued()] + [vars(issued)]
-        tmp = self.root / "issued.json.tmp"
-        tmp.write_text(json.dumps(rows, indent=1) + "\n")
-        tmp.replace(self.root / "issued.json")
+        """One line per identity, appended: minting stays O(1) at 100,000 workers."""
+        with (self.root / LEDGER).open("a") as f:
+            f.write(json.dumps(vars(issued)) + "\n")
 
 
 def _limits() -> dict[str, int]:
