@@ -3,7 +3,7 @@
 Embed it in a worker process with `Agent`, or run it beside one with `agent run`.
 """
 
-from agent.agent import Agent, AgentError, AgentSuperseded
+from agent.agent import Agent, AgentCutOff, AgentError, AgentSuperseded
 from agent.probe import Prober
 from agent.settings import AgentSettings, derive_worker_id
 from agent.tasks import TaskCounts
@@ -12,6 +12,7 @@ __all__ = [
     "Agent",
     "AgentError",
     "AgentSettings",
+    "AgentCutOff",
     "AgentSuperseded",
     "Prober",
     "TaskCounts",

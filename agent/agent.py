@@ -20,13 +20,13 @@ import structlog
 
 from agent.connection import DRAIN_TIMEOUT_S
 from agent.probe import Prober
-from agent.runtime import AgentError, AgentSuperseded, AgentThread
+from agent.runtime import AgentCutOff, AgentError, AgentSuperseded, AgentThread
 from agent.settings import AgentSettings, derive_worker_id
 from agent.tasks import TaskCounts, TaskScope, TaskStats
 from registry import protocol
 from registry.protocol import WorkerStatus
 
-__all__ = ["Agent", "AgentError", "AgentSuperseded"]
+__all__ = ["Agent", "AgentCutOff", "AgentError", "AgentSuperseded"]
 
 log = structlog.get_logger("agent")
 
@@ -97,8 +97,9 @@ class Agent:
 
     async def wait(self) -> None:
         """Until the agent ends by itself: raises AgentSuperseded when another process
-        registered this worker id (heartbeats have stopped), AgentError for any other
-        end; returns when stop() ended it."""
+        registered this worker id (heartbeats have stopped), AgentCutOff when the server
+        ended the connection for good (credentials revoked or expired), AgentError for
+        any other end; returns when stop() ended it."""
         thread = self._thread
         if thread is None:
             raise AgentError("the agent was not started")

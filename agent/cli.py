@@ -128,8 +128,6 @@ def _value(field: str, value: Any, environ: Mapping[str, str]) -> Any:
     return value if value is not None else environ.get(OPTIONS[field][1]) or None
 
 
-
-
 # ---------------------------------------------------------------- logging
 
 

@@ -41,6 +41,11 @@ class AgentError(RuntimeError):
     """The agent cannot go on (e.g. it was stopped, or its registration was refused)."""
 
 
+class AgentCutOff(AgentError):
+    """The server ended the connection for good (credentials revoked or expired, or
+    another refusal): nothing more can be said, not even an unregister."""
+
+
 class AgentSuperseded(AgentError):
     """Another process registered this worker id: this one stopped beating and did not
     unregister (the id is the other process's now)."""
@@ -81,6 +86,7 @@ class AgentThread:
         self._beat_now = asyncio.Event()  # beat as soon as the minimum gap allows
         self._reregister = asyncio.Event()
         self.superseded: AgentSuperseded | None = None
+        self.cut_off: AgentCutOff | None = None
 
     # ------------------------------------------------------------ host side
 
@@ -112,7 +118,7 @@ class AgentThread:
         try:
             self.loop.run_until_complete(self._run())
         except asyncio.CancelledError:
-            error = self.superseded  # None after a stop the host asked for
+            error = self.superseded or self.cut_off  # None after a stop the host asked for
         except BaseException as e:  # handed to the host through `done`
             error = e
             self.log.error("agent_failed", exc_info=True)
@@ -142,7 +148,7 @@ class AgentThread:
         self._task = asyncio.current_task()
         if self._stop_requested:
             return
-        conn = self._conn = Connection(self.s, self.worker_id, self.log)
+        conn = self._conn = Connection(self.s, self.worker_id, self.log, self._cut_off)
         await conn.open()
         try:
             await self._live(conn)
@@ -290,6 +296,19 @@ class AgentThread:
             return
         self.log.error("agent_superseded", reason=reason)
         self.superseded = AgentSuperseded(f"superseded: {reason}; this process stopped")
+        self._registered = False
+        if self._task is not None:
+            self._task.cancel()
+
+    def _cut_off(self, why: str) -> None:
+        """The server closed the connection for good: stop (there is no unregistering)."""
+        if self.cut_off is not None or self.superseded is not None:
+            return
+        self.log.error("agent_cut_off", error=why,
+                       hint="the server ended the connection: credentials revoked or expired?")  # fmt: skip
+        self.cut_off = AgentCutOff(
+            f"the server closed the connection ({why}); this process stopped"
+        )
         self._registered = False
         if self._task is not None:
             self._task.cancel()

@@ -25,6 +25,7 @@ import os
 import random
 import re
 import ssl
+import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
@@ -164,6 +165,12 @@ class Auth:
         return options
 
 
+def is_refused(e: BaseException) -> bool:
+    """The server refused the client's credentials (unknown, revoked, expired): nats-py
+    raises its AuthorizationError, or a plain Error carrying the server's -ERR."""
+    return isinstance(e, nats.errors.AuthorizationError) or "authorization" in str(e).lower()
+
+
 _TOKEN: Final = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
 
 
@@ -288,7 +295,17 @@ def _on_reconnected(nc: Client) -> Callable[[], Awaitable[None]]:
     return cb
 
 
+_refusals: dict[str, float] = {}  # the last `nats_not_authorized` line, when
+
+
 async def _on_error(e: Exception) -> None:
+    if is_refused(e):  # said at most every 30 s while the server keeps refusing
+        now = time.monotonic()
+        if now - _refusals.get("at", -60.0) >= 30.0:
+            _refusals["at"] = now
+            log.error("nats_not_authorized", error=str(e) or type(e).__name__,
+                      hint="the server refuses these credentials (revoked or expired?)")  # fmt: skip
+        return
     log.debug("nats_error", error=str(e) or type(e).__name__)
 
 

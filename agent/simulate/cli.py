@@ -91,8 +91,6 @@ def settings_from(args: argparse.Namespace, environ: dict[str, str] | None = Non
         raise UsageError(describe(e, OPTIONS)) from None
 
 
-
-
 def run_command(args: argparse.Namespace) -> int:
     """Run from parsed arguments: 0 after a clean stop, 1 if NATS fails, 2 on bad input."""
     try:

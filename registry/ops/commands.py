@@ -35,6 +35,7 @@ from registry.connect import (
     add_auth_arguments,
     auth_from_args,
     connect,
+    is_refused,
 )
 from registry.eventlog import EventLogError, EventQuery, read_events
 from registry.ops import watch
@@ -223,7 +224,7 @@ def _why(e: BaseException) -> str:
         return "connection refused (is nats-server running?)"
     if isinstance(e, socket.gaierror):
         return "unknown host"
-    if isinstance(e, nats.errors.AuthorizationError) or "authorization" in str(e).lower():
+    if is_refused(e):
         return "not authorized (the server wants credentials, --creds FILE; or these are revoked or expired)"
     if isinstance(e, TimeoutError | asyncio.TimeoutError):
         return f"no answer within {CONNECT_TIMEOUT_S:g}s"

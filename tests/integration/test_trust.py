@@ -24,7 +24,7 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
-from agent import Agent
+from agent import Agent, AgentCutOff
 from registry import protocol
 from registry.cli import main as registry_main
 from registry.connect import FAIL_FAST, Auth, NatsOptions
@@ -42,6 +42,7 @@ from tests.integration.registry_helpers import (
     running_registry,
     unregister_body,
 )
+from tests.integration.test_agent_process import agent_process
 from tests.integration.test_ops import run
 
 NO_ANSWER_S = 0.5  # a refused publish is dropped by the server: no ack, no reply, ever
@@ -486,3 +487,54 @@ def test_secure_is_for_the_embedded_server(
                           "--auth-dir", str(tmp_path / "auth")])  # fmt: skip
     assert code == 2 and "--creds" in capsys.readouterr().err
     assert not (tmp_path / "auth").exists()
+
+
+@bounded(60)
+async def test_a_revoked_agent_run_exits_non_zero_saying_why_and_its_worker_expires(
+    secured: NatsServer, auth: AuthDir, registry: Any, tmp_path: Path
+) -> None:
+    path = creds(auth, "agent", "w1")
+    args = [
+        "--nats",
+        secured.url,
+        "--name",
+        "w1",
+        "--creds",
+        str(path),
+        "--heartbeat-interval",
+        "0.5",
+    ]
+    async with agent_process(args, tmp_path / "agent.log") as agent:
+        await eventually(lambda: agent.logged("worker_registered"), timeout=20)
+        await eventually(lambda: registry.records()["w1"].live)
+        system = await connect_as(secured.url, auth.root / "system-user.creds")
+        try:
+            auth.revoke("w1")
+            await push_account(auth, system.nc)
+        finally:
+            await system.nc.close()
+        code = await asyncio.wait_for(agent.proc.wait(), 5.0)
+    assert code == 1
+    cut = [e for e in agent.log_events() if e.get("event") == "agent_cut_off"]
+    assert len(cut) == 1 and cut[0]["level"] == "error"
+    assert "Traceback" not in agent.log_path.read_text()
+    await eventually(lambda: not registry.records()["w1"].live, timeout=10.0)
+
+
+@bounded(60)
+async def test_an_embedded_agent_learns_it_was_cut_off(
+    secured: NatsServer, auth: AuthDir, registry: Any
+) -> None:
+    agent = Agent(secured.url, name="w1", creds=str(creds(auth, "agent", "w1")))
+    await agent.start()
+    try:
+        auth.revoke("w1")
+        system = await connect_as(secured.url, auth.root / "system-user.creds")
+        try:
+            await push_account(auth, system.nc)
+        finally:
+            await system.nc.close()
+        with pytest.raises(AgentCutOff):
+            await asyncio.wait_for(agent.wait(), 5.0)
+    finally:
+        await agent.stop()
