@@ -10,9 +10,9 @@ import pytest
 from nats.aio.client import Client
 from nats.micro.service import Service
 
+from registry.protocol import WorkerInfo
 from registry.server.provision import provision
 from registry.server.service import start_service
-from registry.protocol import WorkerInfo
 from tests.factories import FLEET, View, heartbeat, make_info, publish_events, register
 
 # ---------------------------------------------------------------- fixtures and helpers
