@@ -27,13 +27,13 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench import latency, report, routing, scale, throughput
+from bench import latency, report, routing, scale, service, throughput
 from bench.common import machine
 from bench.profile import PySpy, summary
 from registry import logs
 
 RESULTS = Path(__file__).resolve().parent / "results"
-PARTS = ("throughput", "latency", "routing", "scale")
+PARTS = ("throughput", "latency", "routing", "scale", "service")
 
 SIZES: dict[str, dict[str, Any]] = {
     "quick": {
@@ -44,6 +44,7 @@ SIZES: dict[str, dict[str, Any]] = {
                  "kill": 20, "kill_after_s": 2.0, "kill_within_s": 3.0},
         ],
         "routing": [1000, 10000],
+        "service": [10000],
         "memory": [1000, 5000],
         "bytes_sample": (50, 5),
     },
@@ -58,6 +59,7 @@ SIZES: dict[str, dict[str, Any]] = {
             {"count": 100000, "interval_s": 50.0, "duration_s": 110.0, "warmup_s": 10.0, "ramp_s": 60.0},
         ],
         "routing": [1000, 10000, 100000],
+        "service": [10000, 100000],
         "memory": [1000, 10000, 100000],
         "bytes_sample": (200, 20),
     },
@@ -100,10 +102,14 @@ async def run_parts(mode: str, parts: list[str], profile: bool) -> dict[str, Any
         mem = await scale.memory_and_cold_start(sizes["memory"])
         return {**mem, "stream": await scale.stream_bytes(*sizes["bytes_sample"])}
 
+    async def sv() -> list[dict[str, Any]]:
+        return [await service.measure(n) for n in sizes["service"]]
+
     await part("throughput", tp)
     await part("latency", lat)
     await part("routing", rt)
     await part("scale", sc)
+    await part("service", sv)
     return results
 
 
