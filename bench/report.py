@@ -174,6 +174,7 @@ def markdown(doc: dict[str, Any]) -> str:
     out += _routing(_get(r, "routing"))
     out += _scale(_get(r, "scale"))
     out += _trust(_get(r, "trust"))
+    out += _service(_get(r, "service"))
     return "\n".join(out)
 
 
@@ -284,4 +285,19 @@ def _scale(sc: dict[str, Any] | None) -> list[str]:
                 "the size after a day (or a year)."), ""]  # fmt: skip
         out += _table(["workers", "stream MiB (typical)", "stream MiB (worst case)"],
                       [[f"{int(n):,}", ext[n], worst[n]] for n in ext])  # fmt: skip
+    return out
+
+
+def _service(sv: list[dict[str, Any]] | None) -> list[str]:
+    if not sv:
+        return []
+    out = ["## Query service", ""]
+    for x in sv:
+        n, local = x["over_nats"], x["in_process"]
+        out += [f"### {x['workers']:,} workers", ""]
+        out += _table(["request, round trip over NATS", "p50 / p99 / max us", "answer bytes (max)"],
+                      [[k, _p(v), v["answer_bytes_max"]] for k, v in n.items()])  # fmt: skip
+        out += _table(["computed in process", "p50 / p99 / max us"],
+                      [[k, _p(v)] for k, v in local.items()])  # fmt: skip
+        out += [", ".join(f"{k}: {v}x" for k, v in x["ratios"].items()), ""]
     return out

@@ -27,13 +27,13 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench import latency, report, routing, scale, throughput, trust
+from bench import latency, report, routing, scale, service, throughput, trust
 from bench.common import machine
 from bench.profile import PySpy, summary
 from registry import logs
 
 RESULTS = Path(__file__).resolve().parent / "results"
-PARTS = ("throughput", "latency", "routing", "scale", "trust")
+PARTS = ("throughput", "latency", "routing", "scale", "service", "trust")
 
 SIZES: dict[str, dict[str, Any]] = {
     "quick": {
@@ -44,6 +44,7 @@ SIZES: dict[str, dict[str, Any]] = {
                  "kill": 20, "kill_after_s": 2.0, "kill_within_s": 3.0},
         ],
         "routing": [1000, 10000],
+        "service": [10000],
         "memory": [1000, 5000],
         "bytes_sample": (50, 5),
         "trust": {"workers": 1000, "rounds": 5, "agents": 20, "rate_hz": 20.0,
@@ -60,6 +61,7 @@ SIZES: dict[str, dict[str, Any]] = {
             {"count": 100000, "interval_s": 50.0, "duration_s": 110.0, "warmup_s": 10.0, "ramp_s": 60.0},
         ],
         "routing": [1000, 10000, 100000],
+        "service": [10000, 100000],
         "memory": [1000, 10000, 100000],
         "bytes_sample": (200, 20),
         "trust": {"workers": 10000, "rounds": 5, "agents": 50, "rate_hz": 20.0,
@@ -104,13 +106,17 @@ async def run_parts(mode: str, parts: list[str], profile: bool) -> dict[str, Any
         mem = await scale.memory_and_cold_start(sizes["memory"])
         return {**mem, "stream": await scale.stream_bytes(*sizes["bytes_sample"])}
 
-    await part("throughput", tp)
-    await part("latency", lat)
-    await part("routing", rt)
+    async def sv() -> list[dict[str, Any]]:
+        return [await service.measure(n) for n in sizes["service"]]
+
     async def tr() -> dict[str, Any]:
         return await trust.measure(**sizes["trust"])
 
+    await part("throughput", tp)
+    await part("latency", lat)
+    await part("routing", rt)
     await part("scale", sc)
+    await part("service", sv)
     await part("trust", tr)
     return results
 

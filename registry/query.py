@@ -118,6 +118,21 @@ def pick(
     return min(candidates, key=record_key, default=None)
 
 
+def counted_in(r: WorkerInfo) -> list[str]:
+    """The Stats fields one record adds 1 to: what `stats` counts, one record at a time
+    (registry.catalog keeps the counts as records change)."""
+    if not r.live:
+        return ["offline"]
+    names = ["total", f"{r.registration.capability}_workers"]
+    if r.status is WorkerStatus.ONLINE:
+        names.append("online")
+    elif r.status is WorkerStatus.BUSY:
+        names.append("busy")
+    if r.available:
+        names.append("available")
+    return names
+
+
 def stats(records: Iterable[WorkerInfo]) -> Stats:
     counts = dict.fromkeys(Stats.__struct_fields__, 0)
     for r in records:

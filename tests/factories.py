@@ -10,6 +10,7 @@ from typing import Any
 from nats.js import JetStreamContext
 
 from registry import protocol
+from registry.catalog import Catalog
 from registry.fold import availability, is_available
 from registry.protocol import (
     Availability,
@@ -87,9 +88,16 @@ class View:
     counts: dict[str, int | float] = field(
         default_factory=lambda: {"events_applied": 42, "events_rejected": 3, "pending": 0}
     )
+    _catalog: Catalog | None = None
 
     def records(self) -> Mapping[str, WorkerInfo]:
         return self.by_id
+
+    def catalog(self) -> Catalog:
+        """The records indexed, built on first use (change `by_id` before asking)."""
+        if self._catalog is None:
+            self._catalog = Catalog(self.by_id.values())
+        return self._catalog
 
     def counters(self) -> Mapping[str, int | float]:
         return self.counts

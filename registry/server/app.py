@@ -10,6 +10,7 @@ import structlog
 from nats.aio.client import Client
 
 from registry.cancel import raise_if_cancelled
+from registry.catalog import Catalog
 from registry.connect import NatsOptions, connect_patiently
 from registry.protocol import WorkerInfo
 from registry.server.embedded import NatsServer
@@ -41,7 +42,8 @@ async def nats_endpoint(settings: RegistrySettings) -> AsyncIterator[str]:
 
 
 class Registry:
-    """Projector + sweeper over one connection; `records()`/`counters()` feed the service."""
+    """Projector + sweeper over one connection; `records()`, `catalog()` and `counters()`
+    feed the service."""
 
     def __init__(self, nc: Client, settings: RegistrySettings) -> None:
         self.clock = ServerClock()
@@ -54,6 +56,9 @@ class Registry:
 
     def records(self) -> Mapping[str, WorkerInfo]:
         return self.projector.records()
+
+    def catalog(self) -> Catalog:
+        return self.projector.catalog
 
     def counters(self) -> dict[str, int | float]:
         s = self.sweeper

@@ -24,6 +24,7 @@ from nats.aio.msg import Msg
 from nats.js import api
 
 from registry.cancel import raise_if_cancelled
+from registry.catalog import Catalog
 from registry.fold import (
     Applied,
     Duplicate,
@@ -129,6 +130,7 @@ class Projector:
         self.pipeline = Pipeline(link)
         self.parts = Parts()  # one copy of what the fleet's registrations repeat
         self.entries: dict[str, Entry] = {}
+        self.catalog = Catalog()  # the records again, indexed for the query service
         self.tombstones: dict[str, int] = {}
         self.counters = Counters()
         self._epoch = link.epoch  # the epoch this projector last synced in
@@ -179,6 +181,7 @@ class Projector:
         self._epoch = self.link.epoch
         await provision.provision(self.nc, self.names, self.settings.replicas)  # a lost store
         self.entries, self.tombstones = await self.bucket.load_all(share=self.parts)
+        self.catalog.reset(e.record for e in self.entries.values())
         floor = await provision.consumer_ack_floor(self.nc, self.names)
         start = floor + 1 if floor and self.entries else 1
         await provision.reset_consumer(self.nc, self.names, start)
@@ -298,6 +301,7 @@ class Projector:
             self.entries[wid] = Entry(record, self.tombstones.pop(wid, 0))
         else:
             entry.record = record
+        self.catalog.put(record)
         batch.dirty.add(wid)
 
     async def _write(self, batch: _Batch) -> None:
@@ -381,10 +385,12 @@ class Projector:
         ]  # fmt: skip
         for wid in old:
             entry = self.entries.pop(wid)
+            self.catalog.remove(wid)
             try:
                 self.tombstones[wid] = await self.bucket.delete(wid, entry.revision)
             except Exception as e:
                 self.entries[wid] = entry
+                self.catalog.put(entry.record)
                 raise ResyncNeeded(f"purge of {wid} failed: {e}") from e
             self.counters.offline_purged += 1
             log.info("offline_record_purged", worker_id=wid)

@@ -1,17 +1,28 @@
-"""The query service: NATS micro service `worker-registry` over query.py and the event log.
+"""The query service: NATS micro service `worker-registry` over the registry's records.
 
-    service = await start_service(nc, view)   # view: the registry's in-memory records
+    service = await start_service(nc, view)   # view: records, catalog, counters
     ...
     await service.stop()
 
 Endpoints (JSON bodies; errors in the `Nats-Service-Error` / `-Code` headers, 400 for
-a bad request, 404 for an unknown worker, 413 for an answer larger than max_payload):
+a bad request or a body over 64 KiB, 404 for an unknown worker, 413 for an answer
+larger than max_payload):
 
-    registry.list     {capability?, content_type?, status?, available?, tag?, all?} -> {workers}
+    registry.list     {capability?, content_type?, status?, available?, tag?, all?,
+                       limit?, after?}                      -> {workers, next}
     registry.get      {worker_id}                           -> WorkerInfo
     registry.stats    {}                                    -> stats + projector counters
     registry.pick     {capability?, content_type?}          -> {worker: WorkerInfo | null}
     registry.history  {worker_id, since?, until?, limit?}   -> {events}
+
+The service answers on the projector's event loop, so no request may hold it long.
+A listing is paged: workers in id order after the cursor `after` (the last id of
+the previous page), at most `limit` of them (default 500, at most 5,000), cut
+short to fit max_payload, and looking at no more than 5,000 records: a selective
+filter may answer a short or empty page whose `next` is not null. Follow `next`
+until it is null to see every worker. Stats and pick come from the counts and
+the index kept by registry.catalog as records change, not from a scan: they
+answer what query.stats and query.pick would over the same records.
 
 History is read from WORKER_EVENTS by registry.eventlog, through a consumer
 filtered on the worker's subjects (`worker.*.<id>`): the cost follows that
@@ -20,7 +31,7 @@ worker's events, not the size of the stream.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from importlib import metadata
 from typing import Annotated, Any, Final, Protocol, TypeVar
 
@@ -32,6 +43,7 @@ from nats.micro.request import Request, ServiceError
 from nats.micro.service import Service
 
 from registry import protocol, query, timeparse
+from registry.catalog import Catalog
 from registry.eventlog import EventQuery, read_events
 from registry.protocol import (
     EVENTS_STREAM,
@@ -41,12 +53,20 @@ from registry.protocol import (
 )
 
 MAX_LIMIT: Final = 10_000
+MAX_REQUEST_BYTES: Final = 64 * 1024
+PAGE_DEFAULT: Final = 500
+PAGE_MAX: Final = 5_000
+EXAMINED_MAX: Final = 5_000  # records one listing request looks at, matching or not
+ENVELOPE_BYTES: Final = 1024  # room in max_payload for the page's keys and cursor
 
 
 class RegistryView(Protocol):
-    """What the service reads: the registry's in-memory copy of the bucket, and counters."""
+    """What the service reads: the registry's in-memory copy of the bucket, the same
+    records indexed (registry.catalog), and counters."""
 
     def records(self) -> Mapping[str, WorkerInfo]: ...
+
+    def catalog(self) -> Catalog: ...
 
     def counters(self) -> Mapping[str, int | float]: ...
 
@@ -61,6 +81,8 @@ class ListRequest(msgspec.Struct, frozen=True, kw_only=True):
     available: bool | None = None
     tag: str | list[str] | dict[str, str] | None = None
     all: bool = False
+    limit: Annotated[int, Meta(ge=1, le=PAGE_MAX)] = PAGE_DEFAULT
+    after: str | None = None
 
 
 class GetRequest(msgspec.Struct, frozen=True, kw_only=True):
@@ -87,6 +109,10 @@ class NotFound(LookupError):
     """Maps to a 404 answer."""
 
 
+class TooLarge(ValueError):
+    """Maps to a 413 answer."""
+
+
 T = TypeVar("T")
 
 
@@ -95,6 +121,38 @@ def decode_request(data: bytes, kind: type[T]) -> T:
         return msgspec.json.decode(data or b"{}", type=kind)
     except msgspec.DecodeError as e:
         raise BadRequest(f"bad request: {e}") from None
+
+
+class Page(msgspec.Struct, kw_only=True):
+    """One page of a listing: `next` is the cursor to ask `after`, null at the end."""
+
+    workers: list[msgspec.Raw]
+    next: str | None
+
+
+def page(
+    records: Iterator[WorkerInfo], f: query.Filter, limit: int, budget: int,
+    is_last: Callable[[str], bool], examined_max: int = EXAMINED_MAX,
+) -> Page:  # fmt: skip
+    """Up to `limit` matching records, encoded, in at most `budget` bytes, looking at no
+    more than `examined_max` records; `next` follows the last record looked at."""
+    workers: list[msgspec.Raw] = []
+    size, last = 0, None
+    for examined, r in enumerate(records, 1):
+        if query.matches(r, f):
+            body = protocol.encode(r)
+            size += len(body) + 1
+            if size > budget:
+                if not workers:
+                    raise TooLarge(f"worker {r.worker_id!r} alone is {len(body)} bytes")
+                break
+            workers.append(msgspec.Raw(body))
+        last = r.worker_id
+        if len(workers) == limit or examined == examined_max:
+            break
+    else:
+        return Page(workers=workers, next=None)
+    return Page(workers=workers, next=None if last is None or is_last(last) else last)
 
 
 def to_filter(req: ListRequest) -> query.Filter:
@@ -136,8 +194,12 @@ class Endpoints:
         self.events_stream = events_stream
 
     async def list(self, data: bytes) -> object:
-        f = to_filter(decode_request(data, ListRequest))
-        return {"workers": query.select(self.view.records().values(), f)}
+        req = decode_request(data, ListRequest)
+        f = to_filter(req)
+        after = None if req.after is None else checked_id(req.after)
+        catalog = self.view.catalog()
+        budget = self.nc.max_payload - ENVELOPE_BYTES
+        return page(catalog.after(after), f, req.limit, budget, catalog.is_last)
 
     async def get(self, data: bytes) -> object:
         worker_id = checked_id(decode_request(data, GetRequest).worker_id)
@@ -148,16 +210,12 @@ class Endpoints:
 
     async def stats(self, data: bytes) -> object:
         decode_request(data, dict[str, Any])
-        counts: dict[str, object] = msgspec.structs.asdict(
-            query.stats(self.view.records().values())
-        )
+        counts: dict[str, object] = msgspec.structs.asdict(self.view.catalog().stats())
         return counts | with_lag(self.view.counters())
 
     async def pick(self, data: bytes) -> object:
         req = decode_request(data, PickRequest)
-        return {
-            "worker": query.pick(self.view.records().values(), req.capability, req.content_type)
-        }
+        return {"worker": self.view.catalog().pick(req.capability, req.content_type)}
 
     async def history(self, data: bytes) -> object:
         req = decode_request(data, HistoryRequest)
@@ -183,7 +241,8 @@ def with_lag(counters: Mapping[str, int | float]) -> dict[str, int | float]:
 
 
 DESCRIPTIONS: Final = {
-    "list": "workers matching {capability?, content_type?, status?, available?, tag?, all?}",
+    "list": "a page of workers matching {capability?, content_type?, status?, available?, tag?,"
+    " all?}, in worker id order from {after?}, at most {limit?}; {next} is the next cursor",
     "get": "the bucket record of {worker_id}",
     "stats": "fleet counts and projector counters",
     "pick": "the least loaded available worker for {capability?, content_type?}",
@@ -193,12 +252,18 @@ DESCRIPTIONS: Final = {
 
 def _handler(fn: Handler, max_payload: Callable[[], int]) -> Callable[[Request], Awaitable[None]]:
     async def handle(request: Request) -> None:
+        if len(request.data) > MAX_REQUEST_BYTES:
+            raise ServiceError(
+                "400", f"request body of {len(request.data)} bytes exceeds {MAX_REQUEST_BYTES}"
+            )
         try:
             answer = await fn(request.data)
         except BadRequest as e:
             raise ServiceError("400", str(e)) from None
         except NotFound as e:
             raise ServiceError("404", str(e)) from None
+        except TooLarge as e:
+            raise ServiceError("413", f"{e}: more than the server's max_payload") from None
         body = protocol.encode(answer)
         if len(body) > max_payload():
             raise ServiceError(

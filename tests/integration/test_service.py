@@ -10,6 +10,7 @@ import pytest
 from nats.aio.client import Client
 from nats.micro.service import Service
 
+from registry.protocol import WorkerInfo
 from registry.server.provision import provision
 from registry.server.service import start_service
 from tests.factories import FLEET, View, heartbeat, make_info, publish_events, register
@@ -66,6 +67,7 @@ async def test_stats_verb_counts_requests_per_endpoint(nc: Client, service: Serv
 async def test_list_shows_live_workers(nc: Client, service: Service) -> None:
     answer = await ask(nc, "list", {})
     assert [w["registration"]["worker_id"] for w in answer["workers"]] == ["c1", "g1", "g2", "h1"]
+    assert answer["next"] is None  # the whole fleet fits in one page
 
 
 async def test_list_takes_an_empty_body(nc: Client, service: Service) -> None:
@@ -129,14 +131,106 @@ async def test_pick_refuses_an_unknown_capability(nc: Client, service: Service) 
     assert code == "400" and "capability" in text
 
 
-async def test_an_answer_larger_than_max_payload_is_a_413(nc: Client) -> None:
-    many = {f"w{i}": make_info(f"w{i}") for i in range(nc.max_payload // 500)}
-    service = await start_service(nc, View(many))
-    try:
-        code, text = await ask_error(nc, "list", b"{}")
-    finally:
-        await service.stop()
-    assert code == "413" and "narrow the request" in text
+async def list_pages(nc: Client, body: dict[str, Any]) -> list[tuple[int, dict[str, Any]]]:
+    """Every page of a listing, following `next` until null, with each page's size."""
+    pages, after = [], None
+    while True:
+        msg = await nc.request("registry.list", json.dumps({**body, "after": after}).encode(), 5.0)
+        assert not (msg.headers or {}).get("Nats-Service-Error"), msg.headers
+        pages.append((len(msg.data), json.loads(msg.data)))
+        if (after := pages[-1][1]["next"]) is None:
+            return pages
+
+
+@pytest.fixture
+async def ten_thousand(nc: Client) -> AsyncIterator[dict[str, WorkerInfo]]:
+    zones = ("eu", "us", "ap")
+    fleet = {
+        f"w{i:05d}": make_info(
+            f"w{i:05d}", capability=("gpu", "cpu", "hybrid")[i % 3], tags={"zone": zones[i % 3]},
+            active=i // 3 % 3, max_tasks=2, offline_reason="expired" if i % 10 == 9 else None,
+        )
+        for i in range(10_000)
+    }  # fmt: skip
+    service = await start_service(nc, View(fleet))
+    yield fleet
+    await service.stop()
+
+
+async def test_a_fleet_over_max_payload_lists_in_pages_each_under_it(
+    nc: Client, ten_thousand: dict[str, WorkerInfo]
+) -> None:
+    pages = await list_pages(nc, {"all": True, "limit": 5000})
+    ids = [w["registration"]["worker_id"] for _, page in pages for w in page["workers"]]
+    assert ids == sorted(ten_thousand)  # each once, in id order
+    assert len(pages) > 10_000 * 890 // nc.max_payload  # a page shrinks to fit
+    assert all(size <= nc.max_payload for size, _ in pages)
+    assert pages[-1][1]["next"] is None
+
+
+async def test_pages_default_to_500_live_workers(
+    nc: Client, ten_thousand: dict[str, WorkerInfo]
+) -> None:
+    pages = await list_pages(nc, {})
+    # the last live worker is not the last id (w09999 is offline): one empty page ends it
+    assert [len(page["workers"]) for _, page in pages] == [500] * 18 + [0]
+
+
+async def test_a_page_with_a_filter_walks_a_bounded_stretch(
+    nc: Client, ten_thousand: dict[str, WorkerInfo]
+) -> None:
+    first = await ask(nc, "list", {"tag": "zone=ap", "available": True, "limit": 10})
+    assert [w["registration"]["worker_id"] for w in first["workers"]][:3] == [
+        "w00002", "w00005", "w00011",
+    ]  # fmt: skip
+    assert first["next"] == first["workers"][-1]["registration"]["worker_id"]
+    pages = await list_pages(nc, {"tag": "zone=ap", "available": True, "limit": 5000})
+    ids = [w["registration"]["worker_id"] for _, page in pages for w in page["workers"]]
+    expected = [
+        wid for wid, r in sorted(ten_thousand.items())
+        if r.registration.tags["zone"] == "ap" and r.available
+    ]  # fmt: skip
+    assert ids == expected
+    assert len(pages) == 2  # 5,000 records looked at per request, at most
+
+
+async def test_a_page_with_no_match_still_moves_the_cursor(
+    nc: Client, ten_thousand: dict[str, WorkerInfo]
+) -> None:
+    answer = await ask(nc, "list", {"tag": "zone=mars"})
+    assert answer == {"workers": [], "next": "w04999"}
+    assert await ask(nc, "list", {"tag": "zone=mars", "after": "w04999"}) == {
+        "workers": [], "next": None,
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("body", "expected"),
+    [
+        (b'{"limit": 0}', "$.limit"),
+        (b'{"limit": 5001}', "$.limit"),
+        (b'{"limit": "ten"}', "$.limit"),
+        (b'{"after": "a.b"}', "invalid worker id"),
+        (b'{"after": 7}', "$.after"),
+    ],
+)
+async def test_a_bad_limit_or_cursor_is_a_400(
+    nc: Client, service: Service, body: bytes, expected: str
+) -> None:
+    code, text = await ask_error(nc, "list", body)
+    assert code == "400" and expected in text
+
+
+async def test_a_request_body_over_64_kib_is_a_400_before_decoding(
+    nc: Client, service: Service
+) -> None:
+    code, text = await ask_error(nc, "pick", b"{" + b" " * 70_000 + b"}")
+    assert (code, text) == ("400", "request body of 70002 bytes exceeds 65536")
+
+
+async def test_unknown_request_fields_are_ignored(nc: Client, service: Service) -> None:
+    answer = await ask(nc, "list", {"capability": "cpu", "colour": "blue"})
+    assert [w["registration"]["worker_id"] for w in answer["workers"]] == ["c1"]
 
 
 # ---------------------------------------------------------------- history
