@@ -341,6 +341,12 @@ async def test_an_operator_reads_events_and_the_bucket_and_deletes_nothing(
     try:
         events = await read_events(c.nc, EventQuery(worker_id="w1"), protocol.EVENTS_STREAM)
         assert [e.kind for e in events] == ["register"]
+        # what the README's `nats --creds alice.creds --inbox-prefix _INBOX_alice ...` does
+        kv = await c.js.key_value(protocol.BUCKET)  # STREAM.INFO, then a direct get
+        assert (await kv.get("w1")).value
+        assert {s.config.name for s in await c.js.streams_info()} >= {protocol.EVENTS_STREAM}
+        ping = await c.nc.request("$SRV.PING.worker-registry", b"", timeout=5)  # nats micro ls
+        assert json.loads(ping.data)["name"] == "worker-registry"
         for stream in (protocol.EVENTS_STREAM, protocol.AVAILABILITY_STREAM, "KV_workers"):
             assert await js_api_refused(c, f"STREAM.DELETE.{stream}")
             assert await js_api_refused(c, f"STREAM.PURGE.{stream}")
