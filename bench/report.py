@@ -188,10 +188,13 @@ def _trust(tr: dict[str, Any] | None) -> list[str]:
         rows.append([
             mode, f"{m['start_s']} s", f"{m['idle_rss_mb']} MiB", f"{m['fold']['rate']:,}/s",
             _p(m["event_to_bucket"], " ms"), f"{m['connect']['ms_per_connection']} ms",
-            f"{m['connect']['server_rss_mb']} MiB ({m['connect']['count']:,} clients)",
+            f"{m['connect']['server_rss_mb']} MiB ({m['connect']['count']:,} clients; "
+            f"{m['connect'].get('server_kb_per_connection', '?')} KiB each)",
         ])  # fmt: skip
     out += _table(["server", "start", "idle RSS", "fold", "event -> bucket p50/p99/max",
                    "per connection", "server RSS connected"], rows)  # fmt: skip
+    out += [f"Fold runs (events/s, interleaved): open {tr['open'].get('fold_runs')}, "
+            f"secured {tr['secured'].get('fold_runs')}; the better of each is compared.", ""]
     out += [f"Minting credentials: {tr['mint']['per_second']:,} per second "
             f"({tr['mint']['count']:,} minted).", ""]  # fmt: skip
     return out

@@ -5,7 +5,8 @@ secured (`registry auth init`'s: operator, accounts, a scoped signing key per
 role, a full resolver). On each, the same work:
 
 - fold: a fleet's registrations and heartbeats preloaded into WORKER_EVENTS,
-  then a projector connecting as the registry role; events folded per second;
+  then a projector connecting as the registry role; events folded per second
+  (twice per mode, interleaved, the better kept);
 - event->bucket: `agents` connections, each an agent speaking for its own
   worker (on the secured server with its own minted credentials, so every
   publish passes the per-worker permission check), beating at `rate_hz`; the
@@ -160,6 +161,7 @@ async def connections(
     ids = [f"conn-{i:05d}" for i in range(count)]
     auths = [creds(auth, "agent", i) for i in ids]
     clients = []
+    before = psutil.Process(server_pid).memory_info().rss
     t0 = time.perf_counter()
     try:
         for a, i in zip(auths, ids, strict=True):
@@ -170,7 +172,8 @@ async def connections(
         for c in clients:
             await c.close()
     return {"count": count, "ms_per_connection": round(1000 * seconds / count, 3),
-            "server_rss_mb": round(rss / 2**20, 1)}  # fmt: skip
+            "server_rss_mb": round(rss / 2**20, 1),
+            "server_kb_per_connection": round((rss - before) / 1024 / count, 1)}  # fmt: skip
 
 
 def mint_rate(count: int) -> dict[str, Any]:
@@ -190,16 +193,22 @@ async def measure(
     workers: int = 1000, rounds: int = 10, agents: int = 20, rate_hz: float = 20.0,
     duration_s: float = 10.0, conns: int = 500, mints: int = 2000,
 ) -> dict[str, Any]:  # fmt: skip
-    out: dict[str, Any] = {"mint": mint_rate(mints)}
+    out: dict[str, Any] = {"mint": mint_rate(mints), "open": {}, "secured": {}}
+    # the fold twice per mode, interleaved (open, secured, open, secured), the better
+    # of each kept: a shared machine's noise is larger than the difference sought
+    for _ in range(2):
+        for mode in ("open", "secured"):
+            async with server(mode == "secured") as (s, auth, started):
+                assert s.process is not None
+                idle_rss = psutil.Process(s.process.pid).memory_info().rss
+                folded = await fold(s.url, auth, workers, rounds)
+            m = out[mode]
+            m["start_s"] = min(m.get("start_s", 1e9), round(started, 3))
+            m["idle_rss_mb"] = round(idle_rss / 2**20, 1)
+            m["fold_runs"] = [*m.get("fold_runs", []), folded["rate"]]
+            if folded["rate"] >= m.get("fold", {}).get("rate", 0):
+                m["fold"] = folded
     for mode in ("open", "secured"):
-        async with server(mode == "secured") as (s, auth, started):
-            assert s.process is not None
-            idle_rss = psutil.Process(s.process.pid).memory_info().rss
-            out[mode] = {
-                "start_s": round(started, 3),
-                "idle_rss_mb": round(idle_rss / 2**20, 1),
-                "fold": await fold(s.url, auth, workers, rounds),
-            }
         async with server(mode == "secured") as (s, auth, _):
             out[mode]["event_to_bucket"] = await event_to_bucket(
                 s.url, auth, agents, rate_hz, duration_s
