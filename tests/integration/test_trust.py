@@ -199,6 +199,25 @@ async def test_an_agent_speaks_only_for_its_own_worker(
 
 
 @bounded(60)
+async def test_workers_minted_while_the_server_runs_get_in_without_a_restart_or_reload(
+    secured: NatsServer, auth: AuthDir, admin: Client_, registry: Any
+) -> None:
+    assert secured.process is not None
+    pid, conf = secured.process.pid, (auth.root / "server.conf").read_bytes()
+    for i in range(20):
+        wid = f"late-{i}"
+        c = await connect_as(secured.url, creds(auth, "agent", wid))
+        try:
+            body = json.dumps(register_body(wid, new_incarnation())).encode()
+            await c.js.publish(f"worker.register.{wid}", body)
+        finally:
+            await c.nc.close()
+    await eventually(lambda: all(f"late-{i}" in registry.records() for i in range(20)))
+    assert secured.process.pid == pid and secured.process.poll() is None  # never restarted
+    assert (auth.root / "server.conf").read_bytes() == conf  # nor its configuration changed
+
+
+@bounded(60)
 async def test_an_agent_reads_only_its_control_subject_and_its_replies(
     secured: NatsServer, auth: AuthDir, admin: Client_, registry: Any
 ) -> None:
