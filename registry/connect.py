@@ -248,7 +248,9 @@ async def connect(options: NatsOptions, **extra: Any) -> Client:
     return nc
 
 
-async def connect_patiently(options: NatsOptions, **extra: Any) -> Client:
+async def connect_patiently(
+    options: NatsOptions, client: Callable[[], Client] = Client, **extra: Any
+) -> Client:
     """Connect, retrying with backoff while no server answers (logged as
     `nats_unreachable`), then reconnect forever; disconnects and reconnects are logged.
 
@@ -259,7 +261,7 @@ async def connect_patiently(options: NatsOptions, **extra: Any) -> Client:
     servers = ",".join(redact(url) for url in options.servers)
     backoff = 0.2
     while True:
-        nc = Client()
+        nc = client()
         callbacks = {
             "disconnected_cb": _on_disconnected(nc, servers),
             "reconnected_cb": _on_reconnected(nc),

@@ -16,6 +16,7 @@ from datetime import datetime
 from typing import Any, Final, assert_never
 
 import msgspec
+from nats import nuid
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
@@ -141,6 +142,9 @@ async def read_events(nc: Client, q: EventQuery, stream: str = EVENTS_STREAM) ->
     return [stored_event(m) for m in msgs]
 
 
+READ_CONSUMER_PREFIX: Final = "read_"  # the query service may publish only for these
+
+
 def _by_time(since: datetime) -> dict[str, Any]:
     return {"deliver_policy": "by_start_time", "opt_start_time": timeparse.format_instant(since)}
 
@@ -165,12 +169,16 @@ async def _read(
     take: int | None = None, stop_seq: int | None = None,
 ) -> list[Msg]:  # fmt: skip
     """Pull through an ephemeral consumer filtered on q.subject until its backlog is read."""
+    # named in the subject: the server checks the name against the body, so the
+    # operator role may create consumers here without being able to touch the
+    # projector's (trust/roles.py denies that name)
+    name = f"{READ_CONSUMER_PREFIX}{nuid.NUID().next().decode()}"
     config = {
-        "filter_subject": q.subject, "ack_policy": "none", "mem_storage": True,
+        "name": name, "filter_subject": q.subject, "ack_policy": "none", "mem_storage": True,
         "num_replicas": 1, "inactive_threshold": 30_000_000_000, **start_at,
     }  # fmt: skip
     created = await _js_api(
-        nc, f"CONSUMER.CREATE.{stream}", {"stream_name": stream, "config": config}
+        nc, f"CONSUMER.CREATE.{stream}.{name}", {"stream_name": stream, "config": config}
     )
     name, pending = created["name"], int(created["num_pending"])
     inbox = nc.new_inbox()

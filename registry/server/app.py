@@ -17,7 +17,7 @@ from registry.server.embedded import NatsServer
 from registry.server.link import Link
 from registry.server.projector import Projector
 from registry.server.provision import provision
-from registry.server.service import start_service
+from registry.server.service import ServiceClient, start_service
 from registry.server.settings import RegistrySettings
 from registry.server.sweeper import Sweeper
 from registry.sweep import ServerClock
@@ -92,10 +92,18 @@ async def serve(
             auth=settings.auth,
         )  # fmt: skip
         nc = await connect_patiently(options)
+        service_nc: Client | None = None
         try:
             await provision(nc, replicas=settings.replicas)
             registry = Registry(nc, settings)
-            service = await start_service(nc, registry) if settings.service else None
+            service = None
+            if settings.service:  # its own connection, which publishes replies to inboxes only
+                service_nc = await connect_patiently(
+                    NatsOptions.of(url, "worker-registry service", auth=settings.auth,
+                                   connect_timeout_s=settings.connect_timeout_s),
+                    client=ServiceClient,
+                )  # fmt: skip
+                service = await start_service(service_nc, registry)
             try:
                 raise_if_cancelled()  # a stop that raced a provisioning reply
                 on_started(registry)
@@ -107,5 +115,7 @@ async def serve(
                     with contextlib.suppress(Exception):
                         await service.stop()
         finally:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(nc.drain(), 5.0)
+            for conn in (service_nc, nc):
+                if conn is not None:
+                    with contextlib.suppress(Exception):
+                        await asyncio.wait_for(conn.drain(), 5.0)

@@ -31,12 +31,14 @@ worker's events, not the size of the stream.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from importlib import metadata
 from typing import Annotated, Any, Final, Protocol, TypeVar
 
 import msgspec
 import nats.micro
+import structlog
 from msgspec import Meta
 from nats.aio.client import Client
 from nats.micro.request import Request, ServiceError
@@ -44,13 +46,15 @@ from nats.micro.service import Service
 
 from registry import protocol, query, timeparse
 from registry.catalog import Catalog
-from registry.eventlog import EventQuery, read_events
+from registry.eventlog import READ_CONSUMER_PREFIX, EventQuery, read_events
 from registry.protocol import (
     EVENTS_STREAM,
     WorkerCapability,
     WorkerInfo,
     WorkerStatus,
 )
+
+log = structlog.get_logger("registry.service")
 
 MAX_LIMIT: Final = 10_000
 MAX_REQUEST_BYTES: Final = 64 * 1024
@@ -248,6 +252,56 @@ DESCRIPTIONS: Final = {
     "pick": "the least loaded available worker for {capability?, content_type?}",
     "history": "events of {worker_id} from WORKER_EVENTS {since?, until?, limit?}",
 }
+
+
+class ServiceClient(Client):
+    """The query service's own connection, which publishes only replies to inboxes and
+    the read-only JetStream calls of `registry.history`.
+
+    A request names its reply subject, and the answer goes out with the registry's
+    permissions: a reply subject of `$JS.API.STREAM.DELETE.WORKER_EVENTS`,
+    `$KV.workers.<id>` or `worker.available.<id>` would make the registry delete the
+    event log or overwrite a record. Whatever a request names, this connection
+    publishes nothing else (the micro service's own `$SRV` answers included).
+    """
+
+    def __init__(self, events_stream: str = EVENTS_STREAM) -> None:
+        super().__init__()
+        self.events_stream = events_stream
+        self.refused = 0
+        self._last_log = -60.0
+
+    async def publish(
+        self, subject: str, payload: bytes = b"", reply: str = "",
+        headers: dict[str, str] | None = None,
+    ) -> None:  # fmt: skip
+        if not may_publish(subject, self.events_stream):
+            self.refused += 1
+            if time.monotonic() - self._last_log >= 30.0:
+                self._last_log = time.monotonic()
+                log.warning("reply_refused", subject=subject[:200], refused=self.refused,
+                            hint="a request named a reply subject that is not an inbox")  # fmt: skip
+            return
+        await super().publish(subject, payload, reply, headers)
+
+
+def may_publish(subject: str, events_stream: str) -> bool:
+    """Inboxes, and the JetStream calls that read `events_stream` through consumers
+    named by registry.eventlog: nothing that writes, deletes or touches the projector."""
+    if subject.startswith(("_INBOX.", "_INBOX_")):
+        return True
+    api = "$JS.API."
+    if not subject.startswith(api):
+        return False
+    call = subject[len(api) :].split(".")
+    if call in (["INFO"], ["STREAM", "INFO", events_stream]):
+        return True
+    match call:
+        case ["CONSUMER", "CREATE" | "DELETE", stream, name] | [
+            "CONSUMER", "MSG", "NEXT", stream, name
+        ]:  # fmt: skip
+            return stream == events_stream and name.startswith(READ_CONSUMER_PREFIX)
+    return False
 
 
 def _handler(fn: Handler, max_payload: Callable[[], int]) -> Callable[[Request], Awaitable[None]]:

@@ -9,8 +9,13 @@ Layout (seeds are 0600, the directory 0700):
 
     operator.nk  operator.jwt      the operator: trusted by the server configuration
     system.nk    system.jwt        the system account (the server's own; revocations travel on it)
-    account.nk   account.jwt       the registry's account: streams, bucket, every client
-    signing/<role>.nk              one scoped signing key per role (roles.py)
+    account.nk   account.jwt       the registry's account: streams, bucket, registry, routers,
+                                   operators, admins
+    agents.nk    agents.jwt        the agents' account: no JetStream; it imports the three event
+                                   subjects (as services: each publish gets its acknowledgement,
+                                   and a reply subject an agent names cannot reach the registry's
+                                   account) and worker.control.* (as a stream) from the registry's
+    signing/<role>.nk              one scoped signing key per role (roles.py), in its account
     system-user.creds              a system-account user, to push account updates
     registry.creds admin.creds     minted at init for the registry process and for people
     issued.jsonl                   every identity minted (a JSON line each): name, role, user key, times
@@ -38,7 +43,18 @@ from registry.trust.creds import ROLE_TAG, TrustError, creds_text
 from registry.trust.roles import ROLES, template
 
 ACCOUNT_NAME: Final = "REGISTRY"
+AGENTS_NAME: Final = "AGENTS"
 SYSTEM_NAME: Final = "SYS"
+ACCOUNT_FILES: Final = {"registry": "account", "agents": "agents"}  # -> <file>.nk, <file>.jwt
+_EVENT_SUBJECTS: Final = ("worker.register.*", "worker.heartbeat.*", "worker.unregister.*")
+_CONTROL_SUBJECTS: Final = "worker.control.*"
+
+
+def account_of(role: str) -> str:
+    """Which account a role's users live in: agents apart from everyone else."""
+    return "agents" if role == "agent" else "registry"
+
+
 LEDGER: Final = "issued.jsonl"
 NAME_PATTERN: Final = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
 
@@ -86,10 +102,10 @@ class AuthDir:
         (root / "resolver").mkdir(exist_ok=True)
         operator_seed, operator = jwt.new_key("operator")
         system_seed, system = jwt.new_key("account")
-        account_seed, _ = jwt.new_key("account")
         _write_secret(root / "operator.nk", operator_seed)
         _write_secret(root / "system.nk", system_seed)
-        _write_secret(root / "account.nk", account_seed)
+        for name in ACCOUNT_FILES.values():
+            _write_secret(root / f"{name}.nk", jwt.new_key("account")[0])
         for role in ROLES:
             _write_secret(root / "signing" / f"{role}.nk", jwt.new_key("account")[0])
         operator_claims = {
@@ -104,7 +120,8 @@ class AuthDir:
         (root / "system.jwt").write_text(jwt.encode(system_claims, operator_seed))
         (root / LEDGER).write_text("")
         auth = cls(root)
-        auth._sign_account({})
+        for which in ACCOUNT_FILES:
+            auth._sign_account(which, {})
         user_seed, user = jwt.new_key("user")
         user_claims = {
             "sub": user, "name": "system",
@@ -122,12 +139,16 @@ class AuthDir:
         if role not in ROLES:
             raise TrustError(f"unknown role {role!r}: one of {', '.join(ROLES)}")
         check_name(name)
+        account = account_of(role)
+        clash = {i.role for i in self.issued() if i.name == name and account_of(i.role) == account}
+        if clash - {role}:  # one name, one identity: replies come to _INBOX_<name>
+            raise TrustError(f"{name!r} is already a {', '.join(sorted(clash))}: pick another name")
         seed, user = jwt.new_key("user")
         now = int(time.time())
         claims: dict[str, Any] = {
             "sub": user, "name": name,
             "nats": {
-                "type": "user", "version": 2, "issuer_account": self.account,
+                "type": "user", "version": 2, "issuer_account": self.account_key(account),
                 "tags": [f"{ROLE_TAG}{role}"],
             },
         }  # fmt: skip
@@ -146,11 +167,11 @@ class AuthDir:
         hits = [i for i in issued if (name is not None and i.name == name) or i.user == user]
         if not hits:
             raise TrustError(f"nothing issued to {name or user!r} (see `registry auth list`)")
-        revocations = dict(self.revocations())
         now = int(time.time())
-        for i in hits:
-            revocations[i.user] = now
-        self._sign_account(revocations)
+        for which in {account_of(i.role) for i in hits}:
+            revocations = self.revocations(which)
+            revocations.update({i.user: now for i in hits if account_of(i.role) == which})
+            self._sign_account(which, revocations)
         self.write_server_config()
         return hits
 
@@ -158,18 +179,41 @@ class AuthDir:
 
     @property
     def account(self) -> str:
-        return jwt.public_key(self._seed("account.nk"))
+        """The registry's account (streams, bucket, every role but agents)."""
+        return self.account_key("registry")
+
+    @property
+    def agents_account(self) -> str:
+        return self.account_key("agents")
+
+    def account_key(self, which: str) -> str:
+        return jwt.public_key(self._seed(f"{ACCOUNT_FILES[which]}.nk"))
 
     @property
     def system_account(self) -> str:
         return jwt.public_key(self._seed("system.nk"))
 
-    def account_jwt(self) -> str:
-        return (self.root / "account.jwt").read_text().strip()
+    def account_jwt(self, which: str = "registry") -> str:
+        path = self.root / f"{ACCOUNT_FILES[which]}.jwt"
+        try:
+            return path.read_text().strip()
+        except OSError as e:
+            raise TrustError(f"{path}: {e.strerror}") from None
 
-    def revocations(self) -> dict[str, int]:
-        claims = jwt.decode(self.account_jwt(), verify=False)
-        return dict(claims["nats"].get("revocations") or {})
+    def account_jwts(self) -> dict[str, str]:
+        """Account public key -> its current JWT, for every account users live in."""
+        return {self.account_key(which): self.account_jwt(which) for which in ACCOUNT_FILES}
+
+    def revocations(self, which: str | None = None) -> dict[str, int]:
+        """User key -> revocation time, of one account or (None) of both."""
+        out: dict[str, int] = {}
+        for w in [which] if which else list(ACCOUNT_FILES):
+            try:
+                claims = jwt.decode(self.account_jwt(w), verify=False)
+            except jwt.JwtError as e:
+                raise TrustError(f"{ACCOUNT_FILES[w]}.jwt: {e}") from None
+            out.update(claims["nats"].get("revocations") or {})
+        return out
 
     def issued(self) -> list[Issued]:
         path = self.root / LEDGER
@@ -179,8 +223,8 @@ class AuthDir:
         except (OSError, ValueError, TypeError) as e:
             raise TrustError(f"{path}: unreadable ledger ({e})") from None
 
-    def is_revoked(self, i: Issued) -> bool:
-        at = self.revocations().get(i.user)
+    def is_revoked(self, i: Issued, revocations: dict[str, int] | None = None) -> bool:
+        at = (self.revocations() if revocations is None else revocations).get(i.user)
         return at is not None and i.issued_at <= at
 
     # ------------------------------------------------------------ server configuration
@@ -200,18 +244,19 @@ class AuthDir:
             "}\n"
             "resolver_preload: {\n"
             f'  {self.system_account}: "{(self.root / "system.jwt").read_text().strip()}"\n'
-            f'  {self.account}: "{self.account_jwt()}"\n'
-            "}\n"
+            + "".join(f'  {key}: "{token}"\n' for key, token in self.account_jwts().items())
+            + "}\n"
         )
 
     def write_server_config(self) -> None:
         """auth.conf, and server.conf: the packaged configuration plus `include auth.conf`.
         The account JWT also goes into the resolver's store, so a restarted server
         starts from the latest revocations."""
-        (self.root / "auth.conf").write_text(self.auth_conf())
+        _write_atomically(self.root / "auth.conf", self.auth_conf())
         base = definitions.ROOT.joinpath(definitions.SERVER_CONF).read_text()
-        (self.root / "server.conf").write_text(f"{base}\ninclude auth.conf\n")
-        (self.root / "resolver" / f"{self.account}.jwt").write_text(self.account_jwt())
+        _write_atomically(self.root / "server.conf", f"{base}\ninclude auth.conf\n")
+        for key, token in self.account_jwts().items():
+            _write_atomically(self.root / "resolver" / f"{key}.jwt", token)
 
     # ------------------------------------------------------------ internals
 
@@ -221,25 +266,45 @@ class AuthDir:
         except OSError as e:
             raise TrustError(f"{self.root / relative}: {e.strerror}") from None
 
-    def _sign_account(self, revocations: dict[str, int]) -> None:
+    def _sign_account(self, which: str, revocations: dict[str, int]) -> None:
+        """(Re)issue one account's JWT: its roles' scoped signing keys, the exports and
+        imports that join the two accounts, and its revocations."""
+        roles = [role for role in ROLES if account_of(role) == which]
         signing_keys: list[Any] = [
             {"kind": "user_scope", "key": jwt.public_key(self._seed(f"signing/{role}.nk")),
              "role": role, "template": template(role)}
-            for role in ROLES
+            for role in roles
         ]  # fmt: skip
         nats: dict[str, Any] = {
-            "type": "account", "version": 2, "limits": _UNLIMITED | _JETSTREAM,
-            "signing_keys": signing_keys, "default_permissions": {"pub": {}, "sub": {}},
+            "type": "account", "version": 2, "signing_keys": signing_keys,
+            "default_permissions": {"pub": {}, "sub": {}},
         }  # fmt: skip
+        if which == "registry":
+            nats["limits"] = _UNLIMITED | _JETSTREAM
+            nats["exports"] = [
+                *({"name": s, "subject": s, "type": "service", "response_type": "Singleton"}
+                  for s in _EVENT_SUBJECTS),
+                {"name": _CONTROL_SUBJECTS, "subject": _CONTROL_SUBJECTS, "type": "stream"},
+            ]  # fmt: skip
+        else:
+            registry = self.account_key("registry")
+            nats["limits"] = _UNLIMITED
+            nats["imports"] = [
+                *({"name": s, "subject": s, "account": registry, "type": "service"}
+                  for s in _EVENT_SUBJECTS),
+                {"name": _CONTROL_SUBJECTS, "subject": _CONTROL_SUBJECTS, "account": registry,
+                 "type": "stream"},
+            ]  # fmt: skip
         if revocations:
             nats["revocations"] = revocations
-        claims = {"sub": self.account, "name": ACCOUNT_NAME, "nats": nats}
+        name = ACCOUNT_NAME if which == "registry" else AGENTS_NAME
+        claims = {"sub": self.account_key(which), "name": name, "nats": nats}
         # a server keeps the newer of two account JWTs: issue each one later than the last
+        path = self.root / f"{ACCOUNT_FILES[which]}.jwt"
         issued_at = int(time.time())
-        if (self.root / "account.jwt").is_file():
-            issued_at = max(issued_at, int(jwt.decode(self.account_jwt(), verify=False)["iat"]) + 1)
-        token = jwt.encode(claims, self._seed("operator.nk"), issued_at=issued_at)
-        (self.root / "account.jwt").write_text(token)
+        if path.is_file():
+            issued_at = max(issued_at, int(jwt.decode(path.read_text(), verify=False)["iat"]) + 1)
+        _write_atomically(path, jwt.encode(claims, self._seed("operator.nk"), issued_at=issued_at))
 
     def _record(self, issued: Issued) -> None:
         """One line per identity, appended: minting stays O(1) at 100,000 workers."""
@@ -252,9 +317,22 @@ def _limits() -> dict[str, int]:
 
 
 def _write_secret(path: Path, data: bytes) -> None:
+    write_private(path, data)
+
+
+def write_private(path: Path, data: bytes) -> None:
+    """Write a file only its owner can read, even one that existed with a wider mode."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)
     with os.fdopen(fd, "wb") as f:
         f.write(data)
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    """Another name first, then a rename: a crash leaves the old file or the new one."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
 
 
 class PushError(RuntimeError):
@@ -266,15 +344,18 @@ async def push_account(auth: AuthDir, nc: Client, timeout_s: float = 5.0) -> Non
     connection of the system-account user (`system-user.creds`). A full resolver
     stores it and passes it on to the rest of a cluster; connections of revoked
     users close at once."""
-    subject = f"$SYS.REQ.ACCOUNT.{auth.account}.CLAIMS.UPDATE"
-    try:
-        msg = await nc.request(subject, auth.account_jwt().encode(), timeout=timeout_s)
-    except (nats.errors.Error, TimeoutError) as e:
-        raise PushError(f"no server took the account update ({type(e).__name__})") from None
-    try:
-        answer = json.loads(msg.data)
-    except ValueError:
-        raise PushError("the server's answer to the account update is not JSON") from None
-    if "error" in answer:
-        error = answer["error"]
-        raise PushError(f"the server refused the account update: {error.get('description', error)}")
+    for account, token in auth.account_jwts().items():
+        subject = f"$SYS.REQ.ACCOUNT.{account}.CLAIMS.UPDATE"
+        try:
+            msg = await nc.request(subject, token.encode(), timeout=timeout_s)
+        except (nats.errors.Error, TimeoutError) as e:
+            raise PushError(f"no server took the account update ({type(e).__name__})") from None
+        try:
+            answer = json.loads(msg.data)
+        except ValueError:
+            raise PushError("the server's answer to the account update is not JSON") from None
+        if "error" in answer:
+            error = answer["error"]
+            raise PushError(
+                f"the server refused the account update: {error.get('description', error)}"
+            )

@@ -30,13 +30,19 @@ ROLES: Final = ("agent", "registry", "router", "operator", "admin")
 _JS: Final = "$JS.API"
 
 
-def _follow(stream: str) -> list[str]:
-    """The JetStream API calls that read a stream through ephemeral consumers."""
+def _follow(stream: str, unnamed: bool = True) -> list[str]:
+    """The JetStream API calls that read a stream through consumers of one's own.
+
+    `unnamed`: the old create subject, whose consumer name (if any) is in the body,
+    where no permission can see it: allowed only on streams without the projector's
+    consumer. Named creates carry the name in the subject, checked against the body.
+    """
     return [
         f"{_JS}.INFO",
         f"{_JS}.STREAM.INFO.{stream}",
-        f"{_JS}.CONSUMER.CREATE.{stream}",  # ephemeral: the server names it
-        f"{_JS}.CONSUMER.CREATE.{stream}.*.>",  # nats-py names ordered consumers
+        *([f"{_JS}.CONSUMER.CREATE.{stream}"] if unnamed else []),
+        f"{_JS}.CONSUMER.CREATE.{stream}.*",
+        f"{_JS}.CONSUMER.CREATE.{stream}.*.>",
         f"{_JS}.CONSUMER.INFO.{stream}.*",
         f"{_JS}.CONSUMER.DELETE.{stream}.*",
         f"{_JS}.CONSUMER.MSG.NEXT.{stream}.*",
@@ -53,8 +59,16 @@ _PROTECTED: Final = [
     f"{_JS}.CONSUMER.CREATE.*.{PROJECTOR_CONSUMER}",
     f"{_JS}.CONSUMER.CREATE.*.{PROJECTOR_CONSUMER}.>",
     f"{_JS}.CONSUMER.DELETE.*.{PROJECTOR_CONSUMER}",
+    f"{_JS}.CONSUMER.MSG.NEXT.*.{PROJECTOR_CONSUMER}",  # pulling would steal its events
     f"{_JS}.CONSUMER.DURABLE.CREATE.>",
 ]
+
+# What the registry never does, so that nothing can make it (a reply subject it
+# answers to, say): delete or purge a stream or its messages, or the account's data.
+_DESTRUCTIVE: Final = [
+    f"{_JS}.STREAM.DELETE.>", f"{_JS}.STREAM.PURGE.>", f"{_JS}.STREAM.MSG.DELETE.>",
+    f"{_JS}.ACCOUNT.>", f"{_JS}.STREAM.SNAPSHOT.>", f"{_JS}.STREAM.RESTORE.>",
+]  # fmt: skip
 
 _SERVICE_READS: Final = ["registry.pick", "registry.list", "registry.get"]
 
@@ -80,8 +94,13 @@ TEMPLATES: Final[dict[str, dict[str, Any]]] = {
                 "$JS.ACK.>",
                 "$JS.FC.>",
             ],
+            "deny": _DESTRUCTIVE,
         },
         "sub": {"allow": [">"]},
+        # replies to requesters (`_INBOX_<name>.>` of any name: no permission pattern
+        # says that). `resp` lets a reply go to whatever subject a request names, so
+        # the query service's connection publishes to inboxes only
+        # (registry.server.service.ServiceClient)
         "resp": {"max": 1, "ttl": 0},
     },
     # follows availability; asks the query service; nothing more
@@ -93,7 +112,7 @@ TEMPLATES: Final[dict[str, dict[str, Any]]] = {
     "operator": {
         "pub": {
             "allow": [
-                *_follow(EVENTS_STREAM),
+                *_follow(EVENTS_STREAM, unnamed=False),
                 *_follow(KV_STREAM),
                 *_follow(AVAILABILITY_STREAM),
                 f"{_JS}.STREAM.NAMES",

@@ -191,7 +191,8 @@ async def test_an_agent_speaks_only_for_its_own_worker(
         assert await stored_on(admin.js, "worker.late.w2") == 0
         forged = {"worker_id": "w1", "available": True, "max_concurrent_tasks": 4096}
         assert await refused_publish(w1, "worker.available.w1", forged)
-        await w1.nc.publish("worker.control.w2", b'{"action": "superseded"}')
+        # w2's agent, listening on its control subject, hears nothing w1 says there
+        assert not await receives(w2, "worker.control.w2", w1.nc, "worker.control.w2")
         assert registry.records()["w2"].live
     finally:
         await w1.nc.close()
@@ -563,3 +564,140 @@ async def test_an_embedded_agent_learns_it_was_cut_off(
             await asyncio.wait_for(agent.wait(), 5.0)
     finally:
         await agent.stop()
+
+
+# ---------------------------------------------------------------- reply subjects
+#
+# A request names its reply subject, and whoever answers publishes there with its
+# own rights: JetStream acknowledging an agent's event, the JetStream API answering
+# a router, the query service answering anyone. None of these may become a way to
+# write the registry's account.
+
+
+async def footprint(admin: Client_) -> dict[str, Any]:
+    """What a redirected reply could change: stream sizes, w2's record and availability."""
+    js = admin.js
+    sizes = {s.config.name: (s.state.messages, s.state.last_seq) for s in await js.streams_info()}
+    kv = await js.key_value(protocol.BUCKET)
+    w2 = await kv.get("w2")
+    available = await js.get_last_msg(protocol.AVAILABILITY_STREAM, "worker.available.w2")
+    checkpoint = await js.consumer_info(protocol.EVENTS_STREAM, protocol.PROJECTOR_CONSUMER)
+    return {"streams": sizes, "w2": (w2.revision, w2.value), "available": available.seq,
+            "consumer": checkpoint.config}  # fmt: skip
+
+
+async def two_workers(url: str, auth: AuthDir, registry: Any) -> None:
+    for wid in ("w1", "w2"):
+        c = await connect_as(url, creds(auth, "agent", wid))
+        body = json.dumps(register_body(wid, new_incarnation())).encode()
+        await c.js.publish(f"worker.register.{wid}", body)
+        await c.nc.close()
+    await eventually(lambda: {"w1", "w2"} <= set(registry.records()))
+    await eventually(lambda: registry.counters()["pending"] == 0)
+
+
+TARGETS = [
+    "$JS.API.STREAM.DELETE.WORKER_EVENTS", "$JS.API.STREAM.PURGE.KV_workers",
+    "$JS.API.STREAM.PURGE.WORKER_EVENTS", "$KV.workers.w2", "worker.available.w2",
+    "worker.expired.w2", f"$JS.API.CONSUMER.DELETE.WORKER_EVENTS.{protocol.PROJECTOR_CONSUMER}",
+]  # fmt: skip
+
+
+@bounded(90)
+async def test_an_agent_cannot_aim_its_acknowledgements_at_the_registry(
+    secured: NatsServer, auth: AuthDir, admin: Client_, registry: Any
+) -> None:
+    await two_workers(secured.url, auth, registry)
+    before = await footprint(admin)
+    w1 = await connect_as(secured.url, creds(auth, "agent", "w1"))
+    try:
+        for target in TARGETS:  # its own subject, with a reply of its choosing
+            await w1.nc.publish("worker.heartbeat.w1", b"{}", reply=target)
+        await w1.nc.flush()
+        await asyncio.sleep(1.0)
+    finally:
+        await w1.nc.close()
+    after = await footprint(admin)
+    grew = {
+        n: after["streams"][n]
+        for n in after["streams"]
+        if after["streams"][n] != before["streams"][n]
+    }
+    assert set(grew) == {protocol.EVENTS_STREAM}  # the heartbeats themselves, nothing else
+    assert after["w2"] == before["w2"] and after["available"] == before["available"]
+    assert after["consumer"] == before["consumer"] and registry.records()["w2"].live
+
+
+@bounded(90)
+async def test_the_query_service_answers_only_to_inboxes(
+    secured: NatsServer, auth: AuthDir, admin: Client_, registry: Any
+) -> None:
+    await two_workers(secured.url, auth, registry)
+    router = await connect_as(secured.url, creds(auth, "router", "r1"))
+    operator = await connect_as(secured.url, creds(auth, "operator", "ops1"))
+    before = await footprint(admin)
+    try:
+        for target in TARGETS:
+            for who, subject, body in (
+                (router, "registry.get", b"not json"),  # an error answer: an empty body
+                (router, "registry.get", b'{"worker_id": "w1"}'),
+                (router, "registry.list", b"{}"),
+                (operator, "registry.stats", b"{}"),
+                (operator, "$SRV.PING", b""),
+                (operator, "$SRV.INFO.worker-registry", b""),
+            ):
+                await who.nc.publish(subject, body, reply=target)
+        for c in (router, operator):
+            await c.nc.flush()
+        await asyncio.sleep(1.0)
+        # the same requests with an inbox are answered (the service is up and listening)
+        reply = await router.nc.request("registry.get", b'{"worker_id": "w1"}', timeout=5)
+        assert b"w1" in reply.data
+    finally:
+        for c in (router, operator):
+            await c.nc.close()
+    after = await footprint(admin)
+    assert after == before
+    assert {"w1", "w2"} <= {w for w, r in registry.records().items() if r.live}
+
+
+@bounded(60)
+async def test_an_operator_cannot_take_over_or_drain_the_projectors_consumer(
+    secured: NatsServer, auth: AuthDir, admin: Client_, registry: Any
+) -> None:
+    await two_workers(secured.url, auth, registry)
+    operator = await connect_as(secured.url, creds(auth, "operator", "ops1"))
+    before = await footprint(admin)
+    config = dict(before["consumer"].as_dict()) | {"filter_subject": "worker.nothing.*",
+                                                     "max_ack_pending": 1}  # fmt: skip
+    stream = protocol.EVENTS_STREAM
+    try:
+        # the old create subject carries the name in the body, where no permission looks
+        body = {"stream_name": stream, "config": config | {"name": protocol.PROJECTOR_CONSUMER}}
+        assert await js_api_refused(operator, f"CONSUMER.CREATE.{stream}", body)
+        # a named create must name it in the subject: denied; another name in the subject
+        # with the projector's in the body: the server refuses the mismatch
+        assert await js_api_refused(
+            operator, f"CONSUMER.CREATE.{stream}.{protocol.PROJECTOR_CONSUMER}", body
+        )
+        answer = await operator.nc.request(
+            f"$JS.API.CONSUMER.CREATE.{stream}.other", json.dumps(body).encode(), timeout=5
+        )
+        assert "error" in json.loads(answer.data)
+        # pulling from it would take events the projector then never sees
+        inbox = operator.nc.new_inbox()
+        pulled = await operator.nc.subscribe(inbox)
+        await operator.nc.publish(
+            f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{protocol.PROJECTOR_CONSUMER}",
+            b'{"batch": 10, "expires": 1000000000}', reply=inbox,
+        )  # fmt: skip
+        w3 = await connect_as(secured.url, creds(auth, "agent", "w3"))
+        body3 = json.dumps(register_body("w3", new_incarnation())).encode()
+        await w3.js.publish("worker.register.w3", body3)
+        await w3.nc.close()
+        await eventually(lambda: "w3" in registry.records())  # folded, not stolen
+        with pytest.raises(nats.errors.TimeoutError):
+            await pulled.next_msg(timeout=0.5)
+    finally:
+        await operator.nc.close()
+    assert (await footprint(admin))["consumer"] == before["consumer"]

@@ -3,6 +3,7 @@ what a minted credential carries, revocations, and what our clients read from it
 
 from __future__ import annotations
 
+import json
 import stat
 from pathlib import Path
 
@@ -39,14 +40,29 @@ def auth(tmp_path: Path) -> AuthDir:
 def test_init_writes_secret_seeds_and_an_account_with_one_scoped_key_per_role(
     auth: AuthDir,
 ) -> None:
-    for seed in ["operator.nk", "system.nk", "account.nk", "registry.creds", "admin.creds",
+    for seed in ["operator.nk", "system.nk", "account.nk", "agents.nk", "registry.creds", "admin.creds",
                  "system-user.creds", *(f"signing/{r}.nk" for r in ROLES)]:  # fmt: skip
         assert stat.S_IMODE((auth.root / seed).stat().st_mode) == 0o600, seed
     account = jwt.decode(auth.account_jwt())
     operator = jwt.decode((auth.root / "operator.jwt").read_text())
     assert account["iss"] == operator["sub"] and account["sub"] == auth.account
-    scopes = {k["role"]: k for k in account["nats"]["signing_keys"]}
+    agents = jwt.decode(auth.account_jwt("agents"))
+    assert agents["iss"] == operator["sub"] and agents["sub"] == auth.agents_account
+    scopes = {k["role"]: k for a in (account, agents) for k in a["nats"]["signing_keys"]}
     assert set(scopes) == set(ROLES) and all(k["kind"] == "user_scope" for k in scopes.values())
+    assert [k["role"] for k in agents["nats"]["signing_keys"]] == ["agent"]  # agents apart
+    # agents reach the registry's account only through these imports
+    imported = {(i["subject"], i["type"]) for i in agents["nats"]["imports"]}
+    assert imported == {
+        ("worker.register.*", "service"),
+        ("worker.heartbeat.*", "service"),
+        ("worker.unregister.*", "service"),
+        ("worker.control.*", "stream"),
+    }
+    assert (
+        "jetstream" not in json.dumps(agents["nats"]["limits"])
+        and "disk_storage" not in agents["nats"]["limits"]
+    )
     agent = scopes["agent"]["template"]
     assert agent["pub"]["allow"] == [
         f"worker.{k}.{{{{name()}}}}" for k in ("register", "heartbeat", "unregister")
@@ -54,17 +70,18 @@ def test_init_writes_secret_seeds_and_an_account_with_one_scoped_key_per_role(
     assert agent["sub"]["allow"] == ["worker.control.{{name()}}", "_INBOX_{{name()}}.>"]
     conf = (auth.root / "auth.conf").read_text()
     assert auth.account in conf and auth.system_account in conf and "type: full" in conf
-    assert (auth.root / "resolver" / f"{auth.account}.jwt").read_text() == auth.account_jwt()
+    for which, key in (("registry", auth.account), ("agents", auth.agents_account)):
+        assert (auth.root / "resolver" / f"{key}.jwt").read_text() == auth.account_jwt(which)
     with pytest.raises(TrustError):
         AuthDir.init(auth.root)  # never overwrites without force
 
 
 def test_a_minted_agent_carries_its_name_and_no_permissions_of_its_own(auth: AuthDir) -> None:
     claims = creds_claims(auth.mint("agent", "gpu-1"))
-    account = jwt.decode(auth.account_jwt())
+    account = jwt.decode(auth.account_jwt("agents"))
     agent_key = next(k["key"] for k in account["nats"]["signing_keys"] if k["role"] == "agent")
     assert claims["name"] == "gpu-1" and claims["iss"] == agent_key
-    assert claims["nats"]["issuer_account"] == auth.account
+    assert claims["nats"]["issuer_account"] == auth.agents_account
     # a user of a scoped key with permissions or limits of its own is refused by the server
     assert not {"pub", "sub", "subs", "data", "payload"} & set(claims["nats"])
     assert [i.name for i in auth.issued()] == ["registry", "admin", "gpu-1"]
@@ -72,18 +89,26 @@ def test_a_minted_agent_carries_its_name_and_no_permissions_of_its_own(auth: Aut
         auth.mint("agent", "two.tokens")
     with pytest.raises(TrustError):
         auth.mint("superuser", "x")
+    # one name, one identity (replies come to _INBOX_<name>): no router named like the registry
+    with pytest.raises(TrustError):
+        auth.mint("router", "registry")
+    auth.mint("agent", "registry")  # agents live in their own account: no clash there
 
 
 def test_revoking_a_name_revokes_every_credential_issued_to_it(auth: AuthDir) -> None:
     auth.mint("agent", "w1")
     auth.mint("agent", "w1")
     auth.mint("agent", "w2")
-    iat = jwt.decode(auth.account_jwt())["iat"]
+    iat = jwt.decode(auth.account_jwt("agents"))["iat"]
     revoked = auth.revoke("w1")
     assert len(revoked) == 2 and set(auth.revocations()) == {i.user for i in revoked}
-    assert jwt.decode(auth.account_jwt())["iat"] > iat  # servers keep the newer account
+    assert set(auth.revocations("agents")) == set(auth.revocations())  # in the agents' account
+    assert jwt.decode(auth.account_jwt("agents"))["iat"] > iat  # servers keep the newer account
     assert [i.name for i in auth.issued() if auth.is_revoked(i)] == ["w1", "w1"]
-    assert f'{auth.account}: "{auth.account_jwt()}"' in (auth.root / "auth.conf").read_text()
+    assert (
+        f'{auth.agents_account}: "{auth.account_jwt("agents")}"'
+        in (auth.root / "auth.conf").read_text()
+    )
     with pytest.raises(TrustError):
         auth.revoke("nobody")
 
