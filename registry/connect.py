@@ -131,7 +131,7 @@ class Auth:
     @property
     def identity(self) -> str | None:
         """The name in the credentials file's user JWT (a worker id, for an agent's),
-        when it is a subject token; None without credentials."""
+        when `registry auth mint` made it; None otherwise (then the default inbox)."""
         return self._identity
 
     @property
@@ -181,8 +181,12 @@ def _identity_of(creds: str) -> tuple[str | None, str | None]:
             claims = creds_claims(f.read())
     except TrustError as e:
         raise AuthError(f"--creds {creds}: {e}") from None
-    name = claims.get("name")
-    return (name if isinstance(name, str) and _TOKEN.match(name) else None), role_of(claims)
+    except OSError as e:
+        raise AuthError(f"--creds {creds}: {e.strerror or e}") from None
+    name, role = claims.get("name"), role_of(claims)
+    if role is None:  # not minted by `registry auth`: its inbox rules are not ours to guess
+        return None, None
+    return (name if isinstance(name, str) and _TOKEN.match(name) else None), role
 
 
 def add_auth_arguments(parser: argparse.ArgumentParser) -> None:

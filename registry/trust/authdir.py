@@ -26,10 +26,13 @@ Layout (seeds are 0600, the directory 0700):
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import re
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
@@ -134,8 +137,22 @@ class AuthDir:
         auth.write_server_config()
         return auth
 
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        """One writer at a time (two `registry auth` commands at once lose nothing)."""
+        with open(self.root / ".lock", "a") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
+
     def mint(self, role: str, name: str, expires_s: float | None = None) -> str:
         """A credentials file's text for `name` (the worker id, for an agent) in `role`."""
+        with self._locked():
+            return self._mint(role, name, expires_s)
+
+    def _mint(self, role: str, name: str, expires_s: float | None) -> str:
         if role not in ROLES:
             raise TrustError(f"unknown role {role!r}: one of {', '.join(ROLES)}")
         check_name(name)
@@ -163,6 +180,10 @@ class AuthDir:
     def revoke(self, name: str | None = None, user: str | None = None) -> list[Issued]:
         """Revoke every credential issued to `name` so far (or the one user key):
         the account JWT gains revocations and is signed again. Returns what was revoked."""
+        with self._locked():
+            return self._revoke(name, user)
+
+    def _revoke(self, name: str | None, user: str | None) -> list[Issued]:
         issued = self.issued()
         hits = [i for i in issued if (name is not None and i.name == name) or i.user == user]
         if not hits:
@@ -303,7 +324,11 @@ class AuthDir:
         path = self.root / f"{ACCOUNT_FILES[which]}.jwt"
         issued_at = int(time.time())
         if path.is_file():
-            issued_at = max(issued_at, int(jwt.decode(path.read_text(), verify=False)["iat"]) + 1)
+            try:
+                previous = int(jwt.decode(path.read_text(), verify=False)["iat"])
+            except (jwt.JwtError, KeyError, ValueError, TypeError):
+                previous = 0  # unreadable: this one replaces it
+            issued_at = max(issued_at, previous + 1)
         _write_atomically(path, jwt.encode(claims, self._seed("operator.nk"), issued_at=issued_at))
 
     def _record(self, issued: Issued) -> None:

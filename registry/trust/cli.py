@@ -24,8 +24,16 @@ from registry import timeparse
 from registry.connect import AuthError, NatsUrlError, add_auth_arguments
 from registry.ops.commands import OpsError, connected
 from registry.ops.render import table
-from registry.trust.authdir import AuthDir, Issued, PushError, check_name, push_account
+from registry.trust.authdir import (
+    AuthDir,
+    Issued,
+    PushError,
+    check_name,
+    push_account,
+    write_private,
+)
 from registry.trust.creds import TrustError
+from registry.trust.jwt import JwtError
 from registry.trust.roles import ROLES
 
 DEFAULT_DIR = "./auth"
@@ -86,7 +94,7 @@ def _run(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespac
         except _Usage as e:
             print(f"registry auth: {e}", file=sys.stderr)
             return 2
-        except (TrustError, PushError, AuthError, NatsUrlError, OSError) as e:
+        except (TrustError, PushError, AuthError, NatsUrlError, JwtError, OSError) as e:
             print(f"registry auth: {e}", file=sys.stderr)
             return 1
         return code
@@ -128,9 +136,7 @@ def _mint(args: argparse.Namespace) -> int:
     if args.out is None:
         sys.stdout.write(creds)
         return 0
-    fd = os.open(args.out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(creds)
+    write_private(args.out, creds.encode())
     print(f"{args.role} {name}: {args.out}", file=sys.stderr)
     return 0
 

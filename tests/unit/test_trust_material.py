@@ -14,7 +14,7 @@ from registry.cli import main
 from registry.connect import Auth
 from registry.trust import jwt
 from registry.trust.authdir import AuthDir
-from registry.trust.creds import TrustError, creds_claims
+from registry.trust.creds import TrustError, creds_claims, creds_text
 from registry.trust.roles import ROLES
 
 
@@ -131,6 +131,14 @@ def test_clients_read_replies_on_their_own_inbox_and_agents_take_their_id(auth: 
     bad.write_text("not a credentials file")
     with pytest.raises(ValueError):
         Auth(creds=str(bad))
+    with pytest.raises(ValueError):  # a directory: a usage error, not a traceback
+        Auth(creds=str(auth.root))
+    # credentials made elsewhere (no role tag): the library's default inbox, not a guess
+    foreign = auth.root / "foreign.creds"
+    token = jwt.encode({"sub": jwt.new_key("user")[1], "name": "alice", "nats": {"type": "user"}},
+                       jwt.new_key("account")[0])  # fmt: skip
+    foreign.write_text(creds_text(token, jwt.new_key("user")[0]))
+    assert "inbox_prefix" not in Auth(creds=str(foreign)).kwargs()
 
 
 def test_auth_commands_say_what_is_wrong_in_one_line(
@@ -152,5 +160,17 @@ def test_auth_commands_say_what_is_wrong_in_one_line(
     )
     claims = creds_claims(capsys.readouterr().out)
     assert claims["name"] == "r1" and 3500 < claims["exp"] - claims["iat"] <= 3600
+    out = tmp_path / "r2.creds"
+    out.write_text("")
+    out.chmod(0o644)  # an existing file with a wider mode: the secret must not stay readable
+    assert (
+        main(["auth", "mint", "--dir", d, "--role", "router", "--name", "r2", "--out", str(out)])
+        == 0
+    )
+    assert (
+        stat.S_IMODE(out.stat().st_mode) == 0o600 and creds_claims(out.read_text())["name"] == "r2"
+    )
+    (tmp_path / "auth" / "agents.jwt").write_text("garbage")
+    assert main(["auth", "list", "--dir", d]) == 1  # one line, no traceback
     err = capsys.readouterr().err
     assert "Traceback" not in err
