@@ -30,18 +30,22 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext, api
 
 from registry.connect import Auth, NatsOptions, Reconnect, connect
+from registry.fold import availability
 from registry.lastvalues import Arrivals, stream_keys
 from registry.protocol import (
     AVAILABILITY_DECODER,
     AVAILABILITY_STREAM,
+    WORKER_INFO_DECODER,
     Availability,
     WorkerCapability,
+    encode,
 )
 from registry.router.index import AvailabilityIndex
 
 log = structlog.get_logger("registry.router")
 
 _END: Final = object()
+MAX_QUESTIONS: Final = 64  # registry.get questions in flight for rejected availability
 
 
 async def _log_nats_error(e: Exception) -> None:
@@ -73,6 +77,7 @@ class Router:
         self._arrivals = Arrivals()  # the workers listed at start(), until each has come
         self._last_seq = 0
         self.rejected = 0  # availability messages not taken: undecodable, out of bounds, wrong id
+        self._asking: set[str] = set()  # worker ids whose record was asked of the registry
         self._watchers: set[asyncio.Queue[object]] = set()
         self._owns_connection = False
         self._closed = False
@@ -200,18 +205,46 @@ class Router:
         try:  # the contract's bounds: a forged max_concurrent_tasks of 1,000,000 stays out
             avail = AVAILABILITY_DECODER.decode(data)
         except msgspec.ValidationError as e:
-            self.rejected += 1
-            log.warning("availability_invalid", subject=subject, error=str(e))
+            self._reject(subject, "availability_invalid", error=str(e))
             return
         except msgspec.DecodeError as e:
-            self.rejected += 1
-            log.warning("availability_undecodable", subject=subject, error=str(e))
+            self._reject(subject, "availability_undecodable", error=str(e))
             return
         if subject.rpartition(".")[2] != avail.worker_id:
-            self.rejected += 1
-            log.warning("availability_id_mismatch", subject=subject, worker_id=avail.worker_id)
+            self._reject(subject, "availability_id_mismatch", worker_id=avail.worker_id)
             return
+        self._update(avail)
+
+    def _update(self, avail: Availability) -> None:
         if self.index.update(avail):
             taken = self.index.get(avail.worker_id)  # the index's own (shared) value
             for queue in self._watchers:
                 queue.put_nowait(taken)
+
+    def _reject(self, subject: str, event: str, **fields: object) -> None:
+        """Not taken; and since a router that starts now would know nothing else of
+        that worker, ask the registry for its record instead (one question at a time)."""
+        self.rejected += 1
+        log.warning(event, subject=subject, **fields)
+        wid = subject.rpartition(".")[2]
+        if wid and wid not in self._asking and len(self._asking) < MAX_QUESTIONS:
+            self._asking.add(wid)
+            task = asyncio.ensure_future(self._ask_registry(wid))
+            task.add_done_callback(lambda _: self._asking.discard(wid))
+
+    async def _ask_registry(self, wid: str) -> None:
+        """The worker's availability from its record (`registry.get`), unless a newer
+        one arrived meanwhile."""
+        try:
+            msg = await self.nc.request("registry.get", encode({"worker_id": wid}), timeout=2.0)
+            if (msg.headers or {}).get("Nats-Service-Error"):
+                return
+            avail = availability(WORKER_INFO_DECODER.decode(msg.data))
+        except Exception as e:  # noqa: BLE001 - best effort: the next announcement repairs it too
+            log.debug(
+                "availability_question_failed", worker_id=wid, error=str(e) or type(e).__name__
+            )
+            return
+        known = self.index.get(wid)
+        if avail.worker_id == wid and (known is None or known.event_seq < avail.event_seq):
+            self._update(avail)

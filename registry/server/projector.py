@@ -47,6 +47,7 @@ from registry.protocol import (
     control_subject,
     decode_event,
     encode,
+    new_msg_id,
 )
 from registry.server import provision
 from registry.server.consume import Puller
@@ -77,6 +78,7 @@ class Counters:
     events_unregistered: int = 0
     bucket_writes: int = 0
     availability_published: int = 0
+    foreign_writes_repaired: int = 0  # bucket values written by someone else, overwritten
     controls_sent: int = 0
     offline_purged: int = 0
     resyncs: int = 0
@@ -224,7 +226,7 @@ class Projector:
             self._fold_one(msg, batch)
         await self._write(batch)
         await self._announce(batch)
-        await self._flush()
+        await self._flush(batch)
         await self._send_controls(batch)
         await msgs[-1].ack()
         last = ack_meta(msgs[-1])
@@ -328,13 +330,40 @@ class Projector:
             await self.pipeline.publish(available_subject(wid), encode(availability(record)), headers)
             self.counters.availability_published += 1
 
-    async def _flush(self) -> None:
+    async def _flush(self, batch: _Batch) -> None:
         try:
             await self.pipeline.flush(WRITE_TIMEOUT_S)
         except PublishFailed as e:
             if is_conflict(e):
-                raise ResyncNeeded(f"bucket key was written by someone else: {e}") from e
+                await self._repair(batch, e)
+                return
             raise
+
+    async def _repair(self, batch: _Batch, conflict: PublishFailed) -> None:
+        """A CAS write found a revision it did not write. A value that is not a record
+        was written by someone else (in a secured deployment: the JetStream API
+        answering a request whose reply subject named the key): write ours over it,
+        and announce the worker again. A record means another writer of records (a
+        second registry, an admin): resync, and fold from what the bucket says."""
+        for wid in batch.dirty:
+            entry = self.entries.get(wid)
+            found = await self.bucket.current(wid) if entry is not None else None
+            if entry is None or found is None or found[0] == entry.revision:
+                continue
+            revision, theirs = found
+            if theirs is not None:
+                raise ResyncNeeded(f"bucket key was written by someone else: {conflict}")
+            entry.revision = await self.bucket.overwrite(wid, entry.record, revision)
+            self.on_change(entry.record)
+            await self._announce_again(wid, entry.record)
+            self.counters.foreign_writes_repaired += 1
+            log.warning("foreign_write_repaired", worker_id=wid, revision=revision)
+
+    async def _announce_again(self, wid: str, record: WorkerInfo) -> None:
+        """Availability once more (a fresh Nats-Msg-Id: the last one may be deduplicated)."""
+        headers = {api.Header.MSG_ID.value: f"{wid}.{record.event_seq}.{new_msg_id()}"}
+        await self.js.publish(available_subject(wid), encode(availability(record)), headers=headers)
+        self.counters.availability_published += 1
 
     # ------------------------------------------------------------ control
 
@@ -394,4 +423,3 @@ class Projector:
                 raise ResyncNeeded(f"purge of {wid} failed: {e}") from e
             self.counters.offline_purged += 1
             log.info("offline_record_purged", worker_id=wid)
-

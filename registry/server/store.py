@@ -15,7 +15,7 @@ from nats.js.errors import (
 )
 
 from registry.lastvalues import is_deleted, read_last_values
-from registry.protocol import BUCKET, WORKER_INFO_DECODER, WorkerInfo
+from registry.protocol import BUCKET, WORKER_INFO_DECODER, WorkerInfo, encode
 from registry.server.jsmeta import ack_meta
 from registry.server.pipeline import PublishFailed
 from registry.share import Parts
@@ -81,6 +81,26 @@ class Bucket:
         if e.value is None:
             return None
         return Entry(WORKER_INFO_DECODER.decode(e.value), e.revision or 0)
+
+    async def current(self, key: str) -> tuple[int, WorkerInfo | None] | None:
+        """The key's revision and its record, None for a value that is not a record
+        (what someone else wrote); None when the key holds nothing."""
+        kv = await self.js.key_value(self.bucket)
+        try:
+            e = await kv.get(key)
+        except (KeyNotFoundError, KeyDeletedError):
+            return None
+        try:
+            record = WORKER_INFO_DECODER.decode(e.value or b"")
+        except msgspec.DecodeError:
+            record = None
+        return e.revision or 0, record
+
+    async def overwrite(self, key: str, record: WorkerInfo, last_revision: int) -> int:
+        """A CAS write of `record` over revision `last_revision`; returns the new revision."""
+        headers = {api.Header.EXPECTED_LAST_SUBJECT_SEQUENCE.value: str(last_revision)}
+        ack = await self.js.publish(self.prefix + key, encode(record), headers=headers)
+        return ack.seq
 
     async def delete(self, key: str, last_revision: int) -> int:
         """Delete (a KV delete marker) if unchanged; returns the marker's revision."""

@@ -586,14 +586,17 @@ async def footprint(admin: Client_) -> dict[str, Any]:
             "consumer": checkpoint.config}  # fmt: skip
 
 
-async def two_workers(url: str, auth: AuthDir, registry: Any) -> None:
-    for wid in ("w1", "w2"):
+async def two_workers(url: str, auth: AuthDir, registry: Any) -> dict[str, str]:
+    """w1 and w2 registered; their incarnations."""
+    incs = {wid: new_incarnation() for wid in ("w1", "w2")}
+    for wid, inc in incs.items():
         c = await connect_as(url, creds(auth, "agent", wid))
-        body = json.dumps(register_body(wid, new_incarnation())).encode()
+        body = json.dumps(register_body(wid, inc)).encode()
         await c.js.publish(f"worker.register.{wid}", body)
         await c.nc.close()
     await eventually(lambda: {"w1", "w2"} <= set(registry.records()))
     await eventually(lambda: registry.counters()["pending"] == 0)
+    return incs
 
 
 TARGETS = [
@@ -701,3 +704,54 @@ async def test_an_operator_cannot_take_over_or_drain_the_projectors_consumer(
     finally:
         await operator.nc.close()
     assert (await footprint(admin))["consumer"] == before["consumer"]
+
+
+@bounded(90)
+async def test_jetstream_answers_aimed_at_a_record_are_repaired_and_routers_see_through_them(
+    secured: NatsServer, auth: AuthDir, admin: Client_, registry: Any
+) -> None:
+    """NATS sends a JetStream API answer wherever the request's reply subject says, and
+    a router may ask the API (to follow availability): so a router can make JetStream
+    write its answer into w2's bucket key and availability subject. Neither sticks."""
+    incs = await two_workers(secured.url, auth, registry)
+    resyncs = registry.counters()["resyncs"]
+    r1 = await connect_as(secured.url, creds(auth, "router", "r1"))
+    try:
+        for target in ("$KV.workers.w2", "worker.available.w2"):
+            await r1.nc.publish("$JS.API.INFO", b"", reply=target)
+        await r1.nc.flush()
+        kv = await admin.js.key_value(protocol.BUCKET)
+        await eventually(lambda: _not_a_record(kv, "w2"))  # the garbage is there
+    finally:
+        await r1.nc.close()
+    # a router that starts now reads garbage as w2's last availability: it asks the registry
+    router = await Router.connect(secured.url, creds=str(creds(auth, "router", "r2")))
+    try:
+        await router.ready()
+        assert router.rejected >= 1
+        await eventually(lambda: router.get("w2") is not None and router.get("w2").available)
+    finally:
+        await router.close()
+    # w2's next event: the registry overwrites the foreign value, no resync
+    w2 = await connect_as(secured.url, creds(auth, "agent", "w2"))
+    try:
+        await w2.js.publish(
+            "worker.heartbeat.w2", json.dumps(heartbeat_body("w2", incs["w2"])).encode()
+        )
+    finally:
+        await w2.nc.close()
+    await eventually(lambda: registry.counters()["foreign_writes_repaired"] >= 1)
+    assert registry.counters()["resyncs"] == resyncs
+    value = (await kv.get("w2")).value
+    assert protocol.WORKER_INFO_DECODER.decode(value or b"").live
+    last = await admin.js.get_last_msg(protocol.AVAILABILITY_STREAM, "worker.available.w2")
+    assert protocol.AVAILABILITY_DECODER.decode(last.data).worker_id == "w2"
+
+
+async def _not_a_record(kv: Any, key: str) -> bool:
+    value = (await kv.get(key)).value or b""
+    try:
+        protocol.WORKER_INFO_DECODER.decode(value)
+    except Exception:  # noqa: BLE001 - any failure to decode is what we wait for
+        return True
+    return False
