@@ -1,8 +1,9 @@
 """Who may say what: one permission template per role. PURE data.
 
-Each role is a scoped signing key of the registry's account; the server
-expands its template for every user that key signs, with `{{name()}}` the
-user's name (the worker id, for agents). So one template covers a fleet of
+Each role is a scoped signing key of its account (agents: the agents' own;
+the rest: the registry's, see authdir.py); the server expands its template for
+every user that key signs, with `{{name()}}` the user's name (the worker id,
+for agents). So one template covers a fleet of
 any size, and adding a worker is minting a credentials file: no server
 restart, no reload, no per-user configuration on the server.
 
