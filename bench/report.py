@@ -194,7 +194,7 @@ def _trust(tr: dict[str, Any] | None) -> list[str]:
     out += _table(["server", "start", "idle RSS", "fold", "event -> bucket p50/p99/max",
                    "per connection", "server RSS connected"], rows)  # fmt: skip
     out += [f"Fold runs (events/s, interleaved): open {tr['open'].get('fold_runs')}, "
-            f"secured {tr['secured'].get('fold_runs')}; the better of each is compared.", ""]
+            f"secured {tr['secured'].get('fold_runs')}; the best of each is compared.", ""]
     out += [f"Minting credentials: {tr['mint']['per_second']:,} per second "
             f"({tr['mint']['count']:,} minted).", ""]  # fmt: skip
     return out
