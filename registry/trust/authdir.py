@@ -184,15 +184,22 @@ class AuthDir:
         self._record(Issued(name, role, user, now, expires_at))
         return creds_text(token, seed)
 
-    def revoke(self, name: str | None = None, user: str | None = None) -> list[Issued]:
-        """Revoke every credential issued to `name` so far (or the one user key):
-        the account JWT gains revocations and is signed again. Returns what was revoked."""
+    def revoke(
+        self, name: str | None = None, user: str | None = None, role: str | None = None
+    ) -> list[Issued]:
+        """Revoke every credential issued to `name` so far (in `role`, or any), or the one
+        user key: the account JWT gains revocations and is signed again. Returns what
+        was revoked."""
         with self._locked():
-            return self._revoke(name, user)
+            return self._revoke(name, user, role)
 
-    def _revoke(self, name: str | None, user: str | None) -> list[Issued]:
+    def _revoke(self, name: str | None, user: str | None, role: str | None) -> list[Issued]:
         issued = self.issued()
-        hits = [i for i in issued if (name is not None and i.name == name) or i.user == user]
+        hits = [
+            i for i in issued
+            if ((name is not None and i.name == name) or i.user == user)
+            and role in (None, i.role)
+        ]  # fmt: skip
         if not hits:
             raise TrustError(f"nothing issued to {name or user!r} (see `registry auth list`)")
         now = int(time.time())

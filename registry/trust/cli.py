@@ -144,7 +144,7 @@ def _mint(args: argparse.Namespace) -> int:
 def _revoke(args: argparse.Namespace) -> int:
     auth = AuthDir(args.dir)
     name = args.worker_id or args.name
-    hits = auth.revoke(name=name, user=args.user)
+    hits = auth.revoke(name=name, user=args.user, role="agent" if args.worker_id else None)
     for i in hits:
         print(f"revoked {i.role} {i.name} ({i.user}, issued {_when(i.issued_at)})")
     if args.no_push:
@@ -175,19 +175,19 @@ def _push(args: argparse.Namespace) -> int:
 
 def _list(args: argparse.Namespace) -> int:
     auth = AuthDir(args.dir)
-    rows = auth.issued()
+    rows, revoked = auth.issued(), auth.revocations()
     if args.json:
-        print(json.dumps([vars(i) | {"revoked": auth.is_revoked(i)} for i in rows], indent=1))
+        listing = [vars(i) | {"revoked": auth.is_revoked(i, revoked)} for i in rows]
+        print(json.dumps(listing, indent=1))
         return 0
-    print(
-        table(["NAME", "ROLE", "ISSUED", "EXPIRES", "STATE", "USER"], [_row(auth, i) for i in rows])
-    )
+    print(table(["NAME", "ROLE", "ISSUED", "EXPIRES", "STATE", "USER"],
+                [_row(auth, i, revoked) for i in rows]))  # fmt: skip
     return 0
 
 
-def _row(auth: AuthDir, i: Issued) -> list[str]:
+def _row(auth: AuthDir, i: Issued, revoked: dict[str, int]) -> list[str]:
     expired = i.expires_at is not None and i.expires_at <= time.time()
-    state = "revoked" if auth.is_revoked(i) else "expired" if expired else "valid"
+    state = "revoked" if auth.is_revoked(i, revoked) else "expired" if expired else "valid"
     expires = _when(i.expires_at) if i.expires_at else "never"
     return [i.name, i.role, _when(i.issued_at), expires, state, i.user]
 

@@ -174,3 +174,10 @@ def test_auth_commands_say_what_is_wrong_in_one_line(
     assert main(["auth", "list", "--dir", d]) == 1  # one line, no traceback
     err = capsys.readouterr().err
     assert "Traceback" not in err
+
+
+def test_revoking_a_worker_id_leaves_a_router_of_that_name(auth: AuthDir) -> None:
+    auth.mint("agent", "edge")
+    auth.mint("router", "edge")  # another account: no clash
+    assert [i.role for i in auth.revoke("edge", role="agent")] == ["agent"]
+    assert [i.role for i in auth.issued() if auth.is_revoked(i)] == ["agent"]
