@@ -15,8 +15,9 @@ import contextlib
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from functools import partial
+from typing import Final
 
 import msgspec
 import structlog
@@ -65,6 +66,14 @@ log = structlog.get_logger("registry.projector")
 WRITE_TIMEOUT_S = 5.0
 
 
+STREAM_CLOCK_SLACK: Final = timedelta(seconds=2)  # stored times vs the stream's creation
+
+
+def _last_stored(record: WorkerInfo) -> datetime:
+    """The stored time of the newest event folded into a record."""
+    return max(record.last_heartbeat, record.offline_at or record.last_heartbeat)
+
+
 class ResyncNeeded(Exception):
     """The bucket changed under us, or a write failed: reload and resume."""
 
@@ -79,6 +88,7 @@ class Counters:
     bucket_writes: int = 0
     availability_published: int = 0
     foreign_writes_repaired: int = 0  # bucket values written by someone else, overwritten
+    streams_replaced: int = 0  # times records were found to come from an event stream now gone
     controls_sent: int = 0
     offline_purged: int = 0
     resyncs: int = 0
@@ -183,12 +193,46 @@ class Projector:
         self._epoch = self.link.epoch
         await provision.provision(self.nc, self.names, self.settings.replicas)  # a lost store
         self.entries, self.tombstones = await self.bucket.load_all(share=self.parts)
+        await self._forget_another_streams_records()
         self.catalog.reset(e.record for e in self.entries.values())
         floor = await provision.consumer_ack_floor(self.nc, self.names)
         start = floor + 1 if floor and self.entries else 1
         await provision.reset_consumer(self.nc, self.names, start)
         self.on_reset(self.records())
         log.info("projector_started", workers=len(self.entries), from_seq=start)
+
+    async def _forget_another_streams_records(self) -> None:
+        """Records folded from an event stream that is no longer there.
+
+        A stream deleted and provisioned again (or restored from an older backup)
+        starts its sequence again: every new event at or below a record's
+        `event_seq` would be skipped as a duplicate, and the bucket would freeze. A
+        record can only come from this stream if its event is in it: its `event_seq`
+        at most the stream's last sequence, its stored times after the stream was
+        created. Records that cannot be are deleted (loudly); their workers are
+        asked to register again at their next heartbeat, and fold from the new stream.
+        """
+        origin = await provision.stream_origin(self.nc, self.names)
+        if origin is None:
+            return
+        created, last_seq = origin
+        before = created - STREAM_CLOCK_SLACK
+        stale = [
+            wid for wid, e in self.entries.items()
+            if e.record.event_seq > last_seq or _last_stored(e.record) < before
+        ]  # fmt: skip
+        if not stale:
+            return
+        log.error(
+            "event_stream_replaced", stream_created=created.isoformat(), last_seq=last_seq,
+            records_forgotten=len(stale),
+            hint="the event stream was deleted or restored: records it cannot explain are "
+            "deleted; their workers register again at their next heartbeat",
+        )  # fmt: skip
+        for wid in stale:
+            entry = self.entries.pop(wid)
+            self.tombstones[wid] = await self.bucket.delete(wid, entry.revision)
+        self.counters.streams_replaced += 1
 
     async def _consume(self) -> None:
         size = self.settings.batch_size

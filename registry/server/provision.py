@@ -110,6 +110,14 @@ async def server_time(nc: Client, names: Names = DEFAULT_NAMES) -> datetime | No
     return msgspec.convert(info["ts"], datetime)
 
 
+async def stream_origin(nc: Client, names: Names = DEFAULT_NAMES) -> tuple[datetime, int] | None:
+    """When the event stream was created, and its last sequence (None: no answer)."""
+    info = await api(nc, f"STREAM.INFO.{names.events}")
+    if "created" not in info:
+        return None
+    return msgspec.convert(info["created"], datetime), int(info["state"]["last_seq"])
+
+
 async def consumer_ack_floor(nc: Client, names: Names) -> int | None:
     """The projector checkpoint: its consumer's ack floor, or None without one."""
     info = await api(nc, f"CONSUMER.INFO.{names.events}.{names.consumer}")
