@@ -42,6 +42,7 @@ class SimReport(msgspec.Struct, kw_only=True):
     duplicates: int = 0
     errors: int = 0
     timeouts: int = 0
+    retried: int = 0  # sends again after "no stream answered" (same Nats-Msg-Id)
     max_lag_s: float = 0.0
     last_error: str = ""
     killed: list[str] = []
@@ -56,6 +57,7 @@ class SimReport(msgspec.Struct, kw_only=True):
             f"simulated {self.workers} workers for {self.duration_s:.1f} s: {self.events} events "
             f"({self.register} register, {self.heartbeat} heartbeat, {self.unregister} unregister)"
             f", {rate:.0f} events/s, {self.acked} acked, {self.errors} errors, "
+            f"{self.retried} sent again, "
             f"{self.timeouts} timed out, max schedule lag {self.max_lag_s * 1000:.0f} ms"
             + (f"; last error: {self.last_error}" if self.last_error else "")
         )
@@ -230,6 +232,7 @@ class Fleet:
         r, p = self.report, self.pub
         r.duration_s = round(duration_s, 3)
         r.acked, r.errors, r.timeouts, r.duplicates = p.acked, p.errors, p.timeouts, p.duplicates
+        r.retried = p.retried
         r.last_error = p.last_error
         r.max_lag_s = round(r.max_lag_s, 4)
         return r

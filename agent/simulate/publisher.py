@@ -27,6 +27,7 @@ class Publisher(Protocol):
     errors: int
     timeouts: int
     duplicates: int
+    retried: int
     last_error: str
 
     @property
@@ -40,24 +41,35 @@ class Publisher(Protocol):
 class AckedPublisher:
     """Pipelined JetStream publishes: at most `window` not yet answered by a PubAck.
 
-    Every publish carries a random Nats-Msg-Id and the reply subject of the
-    current epoch; one subscription counts the answers. When nothing is
-    answered for `ack_timeout_s` (a server restart lost them), the outstanding
-    ones are counted as timed out and a new epoch starts, so a late answer is
-    not counted twice.
+    Every publish carries a random Nats-Msg-Id and a reply subject of the current
+    epoch ending in its own token; one subscription takes the answers. A publish
+    answered "no stream responded" (503: a stream leader being elected, a stream
+    not there yet) is sent again, with the same Nats-Msg-Id, after a short pause,
+    for up to `retry_s` from its first send: the stream stores it once. When
+    nothing is answered for `ack_timeout_s` (a server restart lost them), the
+    outstanding ones are counted as timed out and a new epoch starts, so a late
+    answer is not counted twice.
     """
 
-    def __init__(self, nc: Client, window: int = 4096, ack_timeout_s: float = 5.0) -> None:
+    def __init__(
+        self, nc: Client, window: int = 4096, ack_timeout_s: float = 5.0, retry_s: float = 15.0
+    ) -> None:
         self.nc = nc
         self.window = window
         self.ack_timeout_s = ack_timeout_s
+        self.retry_s = retry_s
         self.sent = self.settled = self.acked = self.errors = self.timeouts = self.duplicates = 0
+        self.retried = 0
         self.last_error = ""
         self._prefix = nc.new_inbox()
         self._epoch = 0
         self.reply = f"{self._prefix}.0"
         self._room = asyncio.Event()
         self._sub: Any = None
+        self._next = 0
+        # token -> (subject, body, msg id, first sent at): what a 503 sends again
+        self._pending: dict[str, tuple[str, bytes, str, float]] = {}
+        self._retries: set[asyncio.Task[None]] = set()
 
     @property
     def in_flight(self) -> int:
@@ -65,23 +77,30 @@ class AckedPublisher:
 
     async def start(self) -> None:
         self._sub = await self.nc.subscribe(
-            f"{self._prefix}.*", cb=self._on_ack, pending_msgs_limit=-1, pending_bytes_limit=-1
+            f"{self._prefix}.>", cb=self._on_ack, pending_msgs_limit=-1, pending_bytes_limit=-1
         )
 
     async def publish(self, subject: str, body: bytes) -> None:
         if self.sent - self.settled >= self.window:
             await self._wait_until(self.window - 1)
+        if await self._send(subject, body, new_msg_id(), time.monotonic()):
+            self.sent += 1
+
+    async def _send(self, subject: str, body: bytes, msg_id: str, first: float) -> bool:
+        self._next += 1
+        token = str(self._next)
         try:
             await self.nc.publish(
-                subject, body, reply=self.reply, headers={"Nats-Msg-Id": new_msg_id()}
+                subject, body, reply=f"{self.reply}.{token}", headers={"Nats-Msg-Id": msg_id}
             )
         except nats.errors.ConnectionClosedError:
             raise
         except nats.errors.Error as e:  # buffer full while reconnecting, ...
             self.errors += 1
             self.last_error = str(e) or type(e).__name__
-            return
-        self.sent += 1
+            return False
+        self._pending[token] = (subject, body, msg_id, first)
+        return True
 
     async def settle(self, timeout_s: float) -> None:
         """Wait (bounded) until every publish is answered; the rest count as timed out."""
@@ -108,12 +127,24 @@ class AckedPublisher:
             self.settled = self.sent
             self._epoch += 1
             self.reply = f"{self._prefix}.{self._epoch}"
+            self._pending.clear()
+            for task in self._retries:
+                task.cancel()
 
     async def _on_ack(self, msg: Msg) -> None:
-        if msg.subject != self.reply:
+        epoch, _, token = msg.subject.rpartition(".")
+        if epoch != self.reply:
             return  # an answer from a timed-out epoch
-        self.settled += 1
+        sent = self._pending.pop(token, None)
+        if sent is None:
+            return
         data = msg.data
+        if _no_stream(msg) and time.monotonic() - sent[3] < self.retry_s:
+            task = asyncio.ensure_future(self._again(*sent))
+            self._retries.add(task)
+            task.add_done_callback(self._retries.discard)
+            return
+        self.settled += 1
         if not data or b'"error"' in data:
             self.errors += 1
             self.last_error = data.decode(errors="replace")[:200] or "no responders"
@@ -122,3 +153,21 @@ class AckedPublisher:
             if b'"duplicate"' in data:
                 self.duplicates += 1
         self._room.set()
+
+    async def _again(self, subject: str, body: bytes, msg_id: str, first: float) -> None:
+        """The same event, the same Nats-Msg-Id, after a pause (an election takes seconds)."""
+        await asyncio.sleep(RETRY_PAUSE_S)
+        self.retried += 1
+        if not await self._send(subject, body, msg_id, first):
+            self.settled += 1  # counted as an error by _send
+            self._room.set()
+
+
+RETRY_PAUSE_S = 0.25
+
+
+def _no_stream(msg: Msg) -> bool:
+    """503: no stream answered (no responders, or JetStream's own 503 while it has no
+    leader); the event was not stored and may be sent again."""
+    status = (msg.headers or {}).get("Status") if msg.headers else None
+    return status == "503" or (not msg.data and status is None) or b'"code":503' in msg.data

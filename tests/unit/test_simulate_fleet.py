@@ -133,7 +133,7 @@ def test_the_fleet_mixes_capabilities() -> None:
 class Recorder:
     """Stands in for the publisher: keeps (subject, body) in order."""
 
-    acked = errors = timeouts = duplicates = 0
+    acked = errors = timeouts = duplicates = retried = 0
     last_error = ""
     in_flight = 0
 

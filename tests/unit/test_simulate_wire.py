@@ -119,7 +119,7 @@ def test_hand_picked_metrics_are_the_contracts_encoding() -> None:
 class ContractCheck:
     """The fleet's publisher: holds each body to the contract as it is sent."""
 
-    acked = errors = timeouts = duplicates = in_flight = 0
+    acked = errors = timeouts = duplicates = retried = in_flight = 0
     last_error = ""
 
     def __init__(self, settings: SimSettings) -> None:
