@@ -36,77 +36,33 @@ def _env_float(name: str, default: float) -> float:
 
 def add_up(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("up", help="run the registry (embedded nats-server unless --nats)")
-    p.add_argument(
-        "--nats",
-        default=os.environ.get("NATS_URL"),
-        help="existing NATS server or cluster (env NATS_URL); omit to embed one",
-    )
-    p.add_argument(
-        "--port",
-        type=int,
-        default=int(os.environ.get("REGISTRY_PORT", 4222)),
-        help="embedded server port on 127.0.0.1 (default 4222; 0 picks a free one)",
-    )
-    p.add_argument(
-        "--data-dir",
-        type=Path,
-        default=Path(os.environ.get("REGISTRY_DATA_DIR", "./data")),
-        help="embedded server store (default ./data)",
-    )
-    p.add_argument(
-        "--timeout-floor",
-        type=float,
-        default=_env_float("REGISTRY_TIMEOUT_FLOOR_S", 1.0),
-        help="minimum silence before expiry, seconds (default 1)",
-    )
-    p.add_argument(
-        "--timeout-factor",
-        type=float,
-        default=_env_float("REGISTRY_TIMEOUT_FACTOR", 3.0),
-        help="heartbeat intervals missed before expiry (default 3)",
-    )
-    p.add_argument(
-        "--late-factor",
-        type=float,
-        default=_env_float("REGISTRY_LATE_FACTOR", 1.5),
-        help="intervals missed before a worker is announced late (default 1.5; 0 off)",
-    )
-    p.add_argument(
-        "--brake-fraction",
-        type=float,
-        default=_env_float("REGISTRY_BRAKE_FRACTION", 0.5),
-        help="hold expiries when more than this share of the fleet goes silent "
-        "(default 0.5; 1 disables)",
-    )
-    p.add_argument(
-        "--retention",
-        type=float,
-        default=_env_float("REGISTRY_RETENTION_S", 86400.0),
-        help="seconds an offline record stays in the bucket (default 86400)",
-    )
-    p.add_argument(
-        "--replicas",
-        type=int,
-        default=int(os.environ.get("REGISTRY_REPLICAS", 1)),
-        help="stream and bucket replicas on a cluster (default 1)",
-    )
-    p.add_argument(
-        "--log-level",
-        default=os.environ.get("LOG_LEVEL", "info"),
-        choices=["debug", "info", "warning", "error"],
-    )
-    p.add_argument(
-        "--secure",
-        action="store_true",
-        help="embedded server with per-role permissions from --auth-dir "
-        "(made on first use); the registry connects as its role",
-    )
-    p.add_argument(
-        "--auth-dir",
-        type=Path,
-        default=Path(os.environ.get("REGISTRY_AUTH_DIR", "./auth")),
-        help="trust material for --secure (env REGISTRY_AUTH_DIR, default ./auth)",
-    )
+    p.add_argument("--nats", default=os.environ.get("NATS_URL"),
+                   help="existing NATS server or cluster (env NATS_URL); omit to embed one")
+    p.add_argument("--port", type=int, default=int(os.environ.get("REGISTRY_PORT", 4222)),
+                   help="embedded server port on 127.0.0.1 (default 4222; 0 picks a free one)")
+    p.add_argument("--data-dir", type=Path, default=Path(os.environ.get("REGISTRY_DATA_DIR", "./data")),
+                   help="embedded server store (default ./data)")
+    p.add_argument("--timeout-floor", type=float, default=_env_float("REGISTRY_TIMEOUT_FLOOR_S", 1.0),
+                   help="minimum silence before expiry, seconds (default 1)")
+    p.add_argument("--timeout-factor", type=float, default=_env_float("REGISTRY_TIMEOUT_FACTOR", 3.0),
+                   help="heartbeat intervals missed before expiry (default 3)")
+    p.add_argument("--late-factor", type=float, default=_env_float("REGISTRY_LATE_FACTOR", 1.5),
+                   help="intervals missed before a worker is announced late (default 1.5; 0 off)")
+    p.add_argument("--brake-fraction", type=float,
+                   default=_env_float("REGISTRY_BRAKE_FRACTION", 0.5),
+                   help="hold expiries when more than this share of the fleet goes silent "
+                        "(default 0.5; 1 disables)")
+    p.add_argument("--retention", type=float, default=_env_float("REGISTRY_RETENTION_S", 86400.0),
+                   help="seconds an offline record stays in the bucket (default 86400)")
+    p.add_argument("--replicas", type=int, default=int(os.environ.get("REGISTRY_REPLICAS", 1)),
+                   help="stream and bucket replicas on a cluster (default 1)")
+    p.add_argument("--log-level", default=os.environ.get("LOG_LEVEL", "info"),
+                   choices=["debug", "info", "warning", "error"])
+    p.add_argument("--secure", action="store_true",
+                   help="embedded server with per-role permissions from --auth-dir "
+                        "(made on first use); the registry connects as its role")
+    p.add_argument("--auth-dir", type=Path, default=Path(os.environ.get("REGISTRY_AUTH_DIR", "./auth")),
+                   help="trust material for --secure (env REGISTRY_AUTH_DIR, default ./auth)")
     add_auth_arguments(p)
     p.set_defaults(run=run_up)
 
@@ -131,7 +87,7 @@ def _secured(args: argparse.Namespace) -> Path:
 
     if args.nats:
         raise _Usage("--secure starts a secured embedded server; with --nats, pass --creds")
-    if not (args.auth_dir / "account.nk").exists():
+    if not AuthDir.holds(args.auth_dir):
         AuthDir.init(args.auth_dir)
         print(f"registry: trust material written to {args.auth_dir}/", file=sys.stderr)
     auth = AuthDir(args.auth_dir)
@@ -201,12 +157,8 @@ def _bad_args(e: pydantic.ValidationError) -> int:
 def add_check(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("check", help="exit 0 when connected, provisioned, caught up and answering")
     p.add_argument("--nats", default=os.environ.get("NATS_URL", "nats://127.0.0.1:4222"))
-    p.add_argument(
-        "--max-lag",
-        type=int,
-        default=1000,
-        help="most events the projector may be behind (default 1000)",
-    )
+    p.add_argument("--max-lag", type=int, default=1000,
+                   help="most events the projector may be behind (default 1000)")
     p.add_argument("--timeout", type=float, default=2.0, help="seconds per step (default 2)")
     add_auth_arguments(p)
     p.set_defaults(run=run_check)

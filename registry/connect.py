@@ -23,7 +23,6 @@ import argparse
 import asyncio
 import os
 import random
-import re
 import ssl
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -36,6 +35,7 @@ import nats.errors
 import structlog
 from nats.aio.client import Client, Server
 
+from registry import protocol
 from registry.trust.creds import TrustError, creds_claims, role_of
 
 log = structlog.get_logger("registry.connect")
@@ -171,9 +171,6 @@ def is_refused(e: BaseException) -> bool:
     return isinstance(e, nats.errors.AuthorizationError) or "authorization" in str(e).lower()
 
 
-_TOKEN: Final = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
-
-
 def _identity_of(creds: str) -> tuple[str | None, str | None]:
     """(name, role) of the credentials' user JWT; the name only when it is a subject token."""
     try:
@@ -186,7 +183,12 @@ def _identity_of(creds: str) -> tuple[str | None, str | None]:
     name, role = claims.get("name"), role_of(claims)
     if role is None:  # not minted by `registry auth`: its inbox rules are not ours to guess
         return None, None
-    return (name if isinstance(name, str) and _TOKEN.match(name) else None), role
+    if not isinstance(name, str):
+        return None, role
+    try:  # a name is a worker-id token (it names subjects and inboxes)
+        return protocol.validate_worker_id(name), role
+    except protocol.InvalidWorkerId:
+        return None, role
 
 
 def add_auth_arguments(parser: argparse.ArgumentParser) -> None:
@@ -301,14 +303,14 @@ def _on_reconnected(nc: Client) -> Callable[[], Awaitable[None]]:
     return cb
 
 
-_refusals: dict[str, float] = {}  # the last `nats_not_authorized` line, when
+_last_refusal_logged = [-60.0]  # monotonic time of the last `nats_not_authorized` line
 
 
 async def _on_error(e: Exception) -> None:
     if is_refused(e):  # said at most every 30 s while the server keeps refusing
         now = time.monotonic()
-        if now - _refusals.get("at", -60.0) >= 30.0:
-            _refusals["at"] = now
+        if now - _last_refusal_logged[0] >= 30.0:
+            _last_refusal_logged[0] = now
             log.error("nats_not_authorized", error=str(e) or type(e).__name__,
                       hint="the server refuses these credentials (revoked or expired?)")  # fmt: skip
         return

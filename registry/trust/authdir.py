@@ -30,7 +30,6 @@ import contextlib
 import fcntl
 import json
 import os
-import re
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -41,6 +40,7 @@ import nats.errors
 from nats.aio.client import Client
 
 from registry import definitions
+from registry.protocol import InvalidWorkerId, validate_worker_id
 from registry.trust import jwt
 from registry.trust.creds import ROLE_TAG, TrustError, creds_text
 from registry.trust.roles import ROLES, template
@@ -59,7 +59,6 @@ def account_of(role: str) -> str:
 
 
 LEDGER: Final = "issued.jsonl"
-NAME_PATTERN: Final = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
 
 _UNLIMITED: Final = {
     "subs": -1, "data": -1, "payload": -1, "imports": -1, "exports": -1,
@@ -78,9 +77,11 @@ class Issued:
 
 
 def check_name(name: str) -> str:
-    if not NAME_PATTERN.match(name):
-        raise TrustError(f"invalid name {name!r}: 1-128 of A-Z a-z 0-9 _ - (a worker id)")
-    return name
+    """An identity's name is a worker-id token (it names subjects and inboxes)."""
+    try:
+        return validate_worker_id(name)
+    except InvalidWorkerId as e:
+        raise TrustError(str(e).replace("worker id", "name", 1)) from None
 
 
 class AuthDir:
@@ -88,8 +89,13 @@ class AuthDir:
 
     def __init__(self, root: Path) -> None:
         self.root = root
-        if not (root / "account.nk").is_file():
+        if not self.holds(root):
             raise TrustError(f"{root}: no trust material here (run `registry auth init`)")
+
+    @staticmethod
+    def holds(root: Path) -> bool:
+        """Whether `root` already holds a deployment's trust material."""
+        return (root / "account.nk").is_file()
 
     # ------------------------------------------------------------ creating
 
@@ -97,7 +103,7 @@ class AuthDir:
     def init(cls, root: Path, force: bool = False) -> AuthDir:
         """Make every key, sign the JWTs, write the server configuration and mint
         `registry.creds` and `admin.creds`."""
-        if (root / "account.nk").exists() and not force:
+        if cls.holds(root) and not force:
             raise TrustError(f"{root} already holds trust material (--force replaces it)")
         root.mkdir(parents=True, exist_ok=True)
         os.chmod(root, 0o700)
