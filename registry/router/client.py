@@ -77,7 +77,7 @@ class Router:
         self._arrivals = Arrivals()  # the workers listed at start(), until each has come
         self._last_seq = 0
         self.rejected = 0  # availability messages not taken: undecodable, out of bounds, wrong id
-        self._asking: set[str] = set()  # worker ids whose record was asked of the registry
+        self._asking: dict[str, asyncio.Future[None]] = {}  # worker id -> its question
         self._watchers: set[asyncio.Queue[object]] = set()
         self._owns_connection = False
         self._closed = False
@@ -187,6 +187,8 @@ class Router:
         if self._closed:
             return
         self._closed = True
+        for question in list(self._asking.values()):
+            question.cancel()
         for queue in self._watchers:
             queue.put_nowait(_END)
         if self._sub is not None:
@@ -228,9 +230,8 @@ class Router:
         log.warning(event, subject=subject, **fields)
         wid = subject.rpartition(".")[2]
         if wid and wid not in self._asking and len(self._asking) < MAX_QUESTIONS:
-            self._asking.add(wid)
-            task = asyncio.ensure_future(self._ask_registry(wid))
-            task.add_done_callback(lambda _: self._asking.discard(wid))
+            task = self._asking[wid] = asyncio.ensure_future(self._ask_registry(wid))
+            task.add_done_callback(lambda _: self._asking.pop(wid, None))
 
     async def _ask_registry(self, wid: str) -> None:
         """The worker's availability from its record (`registry.get`), unless a newer
