@@ -93,6 +93,18 @@ async def connect_as(url: str, path: Path, **extra: Any) -> Client_:
     return Client_(nc, errors)
 
 
+async def register_as(url: str, auth: AuthDir, wid: str, inc: str | None = None) -> str:
+    """Worker `wid` registered by an agent connection with its own credentials; its
+    incarnation."""
+    inc = inc or new_incarnation()
+    c = await connect_as(url, creds(auth, "agent", wid))
+    try:
+        await c.js.publish(f"worker.register.{wid}", json.dumps(register_body(wid, inc)).encode())
+    finally:
+        await c.nc.close()
+    return inc
+
+
 @pytest.fixture
 async def admin(secured: NatsServer, auth: AuthDir) -> AsyncIterator[Client_]:
     c = await connect_as(secured.url, auth.root / "admin.creds")
@@ -225,13 +237,7 @@ async def test_workers_minted_while_the_server_runs_get_in_without_a_restart_or_
     assert secured.process is not None
     pid, conf = secured.process.pid, (auth.root / "server.conf").read_bytes()
     for i in range(20):
-        wid = f"late-{i}"
-        c = await connect_as(secured.url, creds(auth, "agent", wid))
-        try:
-            body = json.dumps(register_body(wid, new_incarnation())).encode()
-            await c.js.publish(f"worker.register.{wid}", body)
-        finally:
-            await c.nc.close()
+        await register_as(secured.url, auth, f"late-{i}")
     await eventually(lambda: all(f"late-{i}" in registry.records() for i in range(20)))
     assert secured.process.pid == pid and secured.process.poll() is None  # never restarted
     assert (auth.root / "server.conf").read_bytes() == conf  # nor its configuration changed
@@ -326,12 +332,8 @@ async def test_agent_credentials_for_another_worker_id_are_a_usage_error(auth: A
 async def test_a_router_follows_availability_and_asks_the_service_and_nothing_more(
     secured: NatsServer, auth: AuthDir, admin: Client_, registry: Any
 ) -> None:
-    w1 = await connect_as(secured.url, creds(auth, "agent", "w1"))
-    await w1.js.publish(
-        "worker.register.w1", json.dumps(register_body("w1", new_incarnation())).encode()
-    )
+    await register_as(secured.url, auth, "w1")
     await eventually(lambda: "w1" in registry.records())
-    await w1.nc.close()
     path = creds(auth, "router", "r1")
     router = await Router.connect(secured.url, creds=str(path))
     try:
@@ -362,11 +364,7 @@ async def test_a_router_follows_availability_and_asks_the_service_and_nothing_mo
 async def test_an_operator_reads_events_and_the_bucket_and_deletes_nothing(
     secured: NatsServer, auth: AuthDir, admin: Client_, registry: Any
 ) -> None:
-    w1 = await connect_as(secured.url, creds(auth, "agent", "w1"))
-    await w1.js.publish(
-        "worker.register.w1", json.dumps(register_body("w1", new_incarnation())).encode()
-    )
-    await w1.nc.close()
+    await register_as(secured.url, auth, "w1")
     await eventually(lambda: "w1" in registry.records())
     path = creds(auth, "operator", "ops1")
     flags = ["--json", "--nats", secured.url, "--creds", str(path)]
@@ -607,12 +605,7 @@ async def footprint(admin: Client_) -> dict[str, Any]:
 
 async def two_workers(url: str, auth: AuthDir, registry: Any) -> dict[str, str]:
     """w1 and w2 registered; their incarnations."""
-    incs = {wid: new_incarnation() for wid in ("w1", "w2")}
-    for wid, inc in incs.items():
-        c = await connect_as(url, creds(auth, "agent", wid))
-        body = json.dumps(register_body(wid, inc)).encode()
-        await c.js.publish(f"worker.register.{wid}", body)
-        await c.nc.close()
+    incs = {wid: await register_as(url, auth, wid) for wid in ("w1", "w2")}
     await eventually(lambda: {"w1", "w2"} <= set(registry.records()))
     await eventually(lambda: registry.counters()["pending"] == 0)
     return incs
@@ -713,10 +706,7 @@ async def test_an_operator_cannot_take_over_or_drain_the_projectors_consumer(
             f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{protocol.PROJECTOR_CONSUMER}",
             b'{"batch": 10, "expires": 1000000000}', reply=inbox,
         )  # fmt: skip
-        w3 = await connect_as(secured.url, creds(auth, "agent", "w3"))
-        body3 = json.dumps(register_body("w3", new_incarnation())).encode()
-        await w3.js.publish("worker.register.w3", body3)
-        await w3.nc.close()
+        await register_as(secured.url, auth, "w3")
         await eventually(lambda: "w3" in registry.records())  # folded, not stolen
         with pytest.raises(nats.errors.TimeoutError):
             await pulled.next_msg(timeout=0.5)
