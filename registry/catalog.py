@@ -63,11 +63,13 @@ class Catalog:
         """A worker's record is now `record` (new, or replacing its previous one)."""
         wid = record.worker_id
         old = self._records.get(wid)
+        self._records[wid] = record
         if old is None:
             bisect.insort(self._ids, wid)
+        elif _same_place(old, record):
+            return  # most heartbeats: only metrics and times moved
         else:
             self._take(old)
-        self._records[wid] = record
         self._add(record)
 
     def remove(self, worker_id: str) -> None:
@@ -141,6 +143,20 @@ class Catalog:
                 self._serving.clear()
             self._serving[request] = found
         return found
+
+
+def _same_place(old: WorkerInfo, new: WorkerInfo) -> bool:
+    """Nothing the counts, the profiles or the pick order read differs between two
+    records of one worker: `query.counted_in`, `pickable`, `_profile`, `record_key`."""
+    a, b = old.registration, new.registration
+    return (
+        old.live == new.live and old.available == new.available and old.status is new.status
+        and old.metrics.active_tasks == new.metrics.active_tasks
+        and (a is b or (
+            a.capability is b.capability and a.max_concurrent_tasks == b.max_concurrent_tasks
+            and a.supported_content_types == b.supported_content_types
+        ))
+    )  # fmt: skip
 
 
 def pickable(r: WorkerInfo) -> bool:

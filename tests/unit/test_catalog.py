@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import msgspec
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -95,3 +96,19 @@ def test_is_last_names_the_highest_id() -> None:
     catalog = Catalog(FLEET)
     assert catalog.is_last("x2") and catalog.is_last("zz") and not catalog.is_last("x1")
     assert Catalog().is_last("anything")
+
+
+def test_a_beat_that_moves_only_metrics_replaces_the_record_in_place() -> None:
+    """The fast path of put(): the answers still come from the newest record."""
+    records = [make_info(f"w{i}") for i in range(5)]
+    catalog, held = Catalog(records), {r.worker_id: r for r in records}
+    for r in records:
+        beat = msgspec.structs.replace(
+            r, metrics=msgspec.structs.replace(r.metrics, cpu_usage_percent=42.0),
+            event_seq=r.event_seq + 1,
+        )  # fmt: skip
+        apply(catalog, held, beat)
+        assert_same_answers(catalog, held)
+    assert all(r.metrics.cpu_usage_percent == 42.0 for r in catalog.records.values())
+    picked = catalog.pick()
+    assert picked is not None and picked is held[picked.worker_id]  # the newest object
