@@ -603,6 +603,23 @@ async def footprint(admin: Client_) -> dict[str, Any]:
             "consumer": checkpoint.config}  # fmt: skip
 
 
+async def settled_footprint(admin: Client_) -> dict[str, Any]:
+    """The footprint once the registry's writes for what it has folded (bucket puts,
+    announcements, acknowledged after the fold) have landed: two reads a moment apart
+    agree."""
+    last: dict[str, Any] | None = None
+    for _ in range(100):
+        try:
+            now = await footprint(admin)
+        except nats.js.errors.NotFoundError:  # w2's record or announcement not there yet
+            now = None
+        if now is not None and now == last:
+            return now
+        last = now
+        await asyncio.sleep(0.3)
+    raise AssertionError("the registry's writes did not settle in 30 s")
+
+
 async def two_workers(url: str, auth: AuthDir, registry: Any) -> dict[str, str]:
     """w1 and w2 registered; their incarnations."""
     incs = {wid: await register_as(url, auth, wid) for wid in ("w1", "w2")}
@@ -623,7 +640,7 @@ async def test_an_agent_cannot_aim_its_acknowledgements_at_the_registry(
     secured: NatsServer, auth: AuthDir, admin: Client_, registry: Any
 ) -> None:
     await two_workers(secured.url, auth, registry)
-    before = await footprint(admin)
+    before = await settled_footprint(admin)
     w1 = await connect_as(secured.url, creds(auth, "agent", "w1"))
     try:
         for target in TARGETS:  # its own subject, with a reply of its choosing
@@ -650,7 +667,7 @@ async def test_the_query_service_answers_only_to_inboxes(
     await two_workers(secured.url, auth, registry)
     router = await connect_as(secured.url, creds(auth, "router", "r1"))
     operator = await connect_as(secured.url, creds(auth, "operator", "ops1"))
-    before = await footprint(admin)
+    before = await settled_footprint(admin)
     try:
         for target in TARGETS:
             for who, subject, body in (
@@ -682,7 +699,7 @@ async def test_an_operator_cannot_take_over_or_drain_the_projectors_consumer(
 ) -> None:
     await two_workers(secured.url, auth, registry)
     operator = await connect_as(secured.url, creds(auth, "operator", "ops1"))
-    before = await footprint(admin)
+    before = await settled_footprint(admin)
     config = dict(before["consumer"].as_dict()) | {"filter_subject": "worker.nothing.*",
                                                      "max_ack_pending": 1}  # fmt: skip
     stream = protocol.EVENTS_STREAM
