@@ -56,6 +56,11 @@ def add_up(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                    help="seconds an offline record stays in the bucket (default 86400)")
     p.add_argument("--replicas", type=int, default=int(os.environ.get("REGISTRY_REPLICAS", 1)),
                    help="stream and bucket replicas on a cluster (default 1)")
+    p.add_argument("--instance", default=os.environ.get("REGISTRY_INSTANCE"),
+                   help="this process's name among registries (default host-pid-random)")
+    p.add_argument("--lease-ttl", type=int, default=int(os.environ.get("REGISTRY_LEASE_TTL_S", 3)),
+                   help="seconds a silent active registry keeps the lease before a standby "
+                        "takes over (default 3)")
     p.add_argument("--log-level", default=os.environ.get("LOG_LEVEL", "info"),
                    choices=["debug", "info", "warning", "error"])
     p.add_argument("--secure", action="store_true",
@@ -77,6 +82,7 @@ def settings_from(args: argparse.Namespace) -> RegistrySettings:
         timeout_floor_s=args.timeout_floor, timeout_factor=args.timeout_factor,
         late_factor=args.late_factor, brake_fraction=args.brake_fraction,
         retention_s=args.retention, replicas=args.replicas, auth=auth_from_args(args),
+        instance=args.instance, lease_ttl_s=args.lease_ttl,
     )  # fmt: skip
 
 

@@ -25,6 +25,8 @@ AVAILABILITY_STREAM: Final = "WORKER_AVAILABILITY"
 BUCKET: Final = "workers"
 PROJECTOR_CONSUMER: Final = "registry-projector"
 SERVICE_NAME: Final = "worker-registry"
+LEASE_BUCKET: Final = "registry_lease"
+LEASE_KEY: Final = "active"
 
 EVENT_KINDS: Final = ("register", "heartbeat", "unregister", "expired", "late")
 MAX_EVENT_BYTES: Final = 64 * 1024
@@ -406,3 +408,28 @@ class Control(_Model, frozen=True, kw_only=True):
 
 
 CONTROL_DECODER: Final = msgspec.json.Decoder(Control)
+
+
+# ---------------------------------------------------------------- the lease
+
+
+class Lease(_Model, frozen=True, kw_only=True):
+    """The value of key `active` in bucket `registry_lease`: which registry process
+    projects and sweeps. Each message carries a TTL (`Nats-TTL`, `ttl_s`); the holder
+    renews it by compare-and-set on the revision, and when it is not renewed the
+    server removes it and a standby creates it again.
+
+    `epoch` numbers the holder's term: the revision of the message that created the
+    key. The creating message itself carries 0 (its revision is not known before it
+    is stored); every renewal carries the number."""
+
+    v: int = SCHEMA_VERSION
+    holder: str
+    epoch: int = 0
+    since: datetime
+    ttl_s: int
+    host: str = ""
+    pid: int = 0
+
+
+LEASE_DECODER: Final = msgspec.json.Decoder(Lease)

@@ -100,9 +100,10 @@ class DeadlineHeap:
 class ServerClock:
     """The server's clock, estimated from its timestamps plus local monotonic time.
 
-    Every stored timestamp and every API `ts` the registry sees moves the
-    estimate forward; between them it advances with the monotonic clock, so a
-    jump of the registry host's wall clock changes nothing.
+    Every stored timestamp the registry sees moves the estimate forward; an API
+    `ts` (the server's time when it answered) moves it either way (`step`);
+    between them it advances with the monotonic clock, so a jump of the registry
+    host's wall clock changes nothing.
     """
 
     _server: float = 0.0
@@ -111,6 +112,20 @@ class ServerClock:
     def observe(self, server_ts: float, mono_now: float) -> None:
         if server_ts > self.now(mono_now):
             self._server, self._mono = server_ts, mono_now
+
+    def step(self, server_now: float, mono_now: float, tolerance_s: float = 0.5) -> float:
+        """A reading of the server's clock *now* (the `ts` of an API answer), which may
+        also move the estimate back: after a stream leader change, stored times come
+        from another node, whose clock can be behind. Kept ahead, the estimate would
+        judge workers early by the difference. Returns how far it stepped back (0.0:
+        not at all); a reading behind by less than `tolerance_s` is taken as the
+        answer's latency and changes nothing."""
+        behind = self.now(mono_now) - server_now if self._mono else 0.0
+        if behind > tolerance_s:
+            self._server, self._mono = server_now, mono_now
+            return behind
+        self.observe(server_now, mono_now)
+        return 0.0
 
     def now(self, mono_now: float) -> float:
         return self._server + (mono_now - self._mono) if self._mono else self._server

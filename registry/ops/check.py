@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import base64
 import json
 
+import msgspec
 from nats.aio.client import Client
 
 from registry.connect import FAIL_FAST, Auth, NatsOptions, connect
-from registry.protocol import SERVICE_NAME
+from registry.protocol import LEASE_DECODER, LEASE_KEY, SERVICE_NAME
 from registry.server.provision import DEFAULT_NAMES, Names, api, config_diff, stream_configs
 
 
@@ -34,7 +36,11 @@ async def check(
         if lag > max_lag:
             raise Unhealthy(f"projector is {lag} events behind (bound {max_lag})")
         await _answering(nc, timeout_s)
-        return f"ok: provisioned, projector caught up ({lag} events behind), service answering"
+        active = await _active(nc, names)
+        return (
+            f"ok: provisioned, projector caught up ({lag} events behind), service answering; "
+            f"active registry {active}"
+        )
     finally:
         await nc.close()
 
@@ -51,6 +57,22 @@ async def _provisioned(nc: Client, names: Names) -> None:
         diff = config_diff(cfg, info["config"])
         if diff:
             raise Unhealthy(f"stream {cfg['name']} differs from its definition: {diff[0]}")
+
+
+async def _active(nc: Client, names: Names) -> str:
+    """Who holds the active/standby lease: `holder (epoch N, since T)`."""
+    subject = f"$KV.{names.lease_bucket}.{LEASE_KEY}"
+    answer = await api(nc, f"STREAM.MSG.GET.{names.lease_stream}", {"last_by_subj": subject})
+    message = answer.get("message") or {}
+    headers = base64.b64decode(message.get("hdrs") or b"")
+    if "error" in answer or b"KV-Operation: DEL" in headers or b"KV-Operation: PURGE" in headers:
+        raise Unhealthy("no registry holds the lease (none running, or a takeover under way)")
+    try:
+        lease = LEASE_DECODER.decode(base64.b64decode(message.get("data") or b""))
+    except msgspec.DecodeError:
+        raise Unhealthy("the lease key holds something that is not a lease") from None
+    epoch = lease.epoch or int(message.get("seq", 0))
+    return f"{lease.holder} (epoch {epoch}, since {lease.since.isoformat(timespec='seconds')})"
 
 
 async def _lag(nc: Client, names: Names) -> int:

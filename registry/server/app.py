@@ -14,6 +14,8 @@ from registry.catalog import Catalog
 from registry.connect import NatsOptions, connect_patiently
 from registry.protocol import WorkerInfo
 from registry.server.embedded import NatsServer
+from registry.server.follower import Follower
+from registry.server.lease import LeaseKeeper, LeaseLost, instance_name
 from registry.server.link import Link
 from registry.server.projector import Projector
 from registry.server.provision import provision
@@ -42,8 +44,9 @@ async def nats_endpoint(settings: RegistrySettings) -> AsyncIterator[str]:
 
 
 class Registry:
-    """Projector + sweeper over one connection; `records()`, `catalog()` and `counters()`
-    feed the service."""
+    """One registry process: active (projector + sweeper) while it holds the lease, a
+    standby following the bucket otherwise. `records()`, `catalog()`, `counters()` and
+    `lease()` feed the service, from whichever of the two is current."""
 
     def __init__(self, nc: Client, settings: RegistrySettings) -> None:
         self.clock = ServerClock()
@@ -51,14 +54,24 @@ class Registry:
         self.projector = Projector(self.link, settings, self.clock)
         self.sweeper = Sweeper(self.link, settings, self.clock, self.projector.records)
         self.projector.on_change = self.sweeper.observe
-        self.projector.on_reset = self.sweeper.reset
+        self.projector.on_reset = self._projector_reset
         self.projector.on_premature = self.sweeper.rejudge
+        self.keeper = LeaseKeeper(nc, settings.instance or instance_name(), settings.lease_ttl_s)
+        self.link.fence = self.keeper.fence
+        self.follower = Follower(nc)
+        self._following: asyncio.Task[None] | None = None
+        self._projected = False  # the projector has loaded the bucket in this term
+        self.terms = 0
 
     def records(self) -> Mapping[str, WorkerInfo]:
-        return self.projector.records()
+        return self.projector.records() if self._projected else self.follower.records()
 
     def catalog(self) -> Catalog:
-        return self.projector.catalog
+        return self.projector.catalog if self._projected else self.follower.catalog
+
+    @property
+    def active(self) -> bool:
+        return self.keeper.held
 
     def counters(self) -> dict[str, int | float]:
         s = self.sweeper
@@ -68,12 +81,70 @@ class Registry:
             "lates_published": s.lates_published,
             "expiries_held": s.expiries_held,
             "brake_engaged": int(s.brake_engaged),
+            "active": int(self.active),
+            "lease_epoch": self.keeper.epoch if self.active else 0,
+            "terms": self.terms,
         }
 
+    def lease(self) -> dict[str, object]:
+        """This process's role, and who holds the lease (since when, which epoch)."""
+        return self.keeper.describe()
+
     async def run(self) -> None:
-        async with asyncio.TaskGroup() as tg:
-            tg.create_task(self.projector.run(), name="projector")
-            tg.create_task(self.sweeper.run(), name="sweeper")
+        try:
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(self.keeper.run(), name="lease")
+                tg.create_task(self._roles(), name="roles")
+        finally:
+            await self.keeper.release()  # a standby takes over now, not after the TTL
+
+    async def _roles(self) -> None:
+        """Stand by until the lease is ours, serve a term while it stays ours; again."""
+        while True:
+            self._following = asyncio.create_task(self.follower.run(), name="follower")
+            try:
+                if not self.keeper.held:
+                    log.info("registry_standing_by", instance=self.keeper.holder,
+                             active=self.keeper.seen.holder if self.keeper.seen else None)  # fmt: skip
+                await self.keeper.wait_held()
+                await self._term()
+            finally:
+                await self._stop_following()
+
+    async def _term(self) -> None:
+        """Project and sweep until the lease is lost (or the process stops)."""
+        epoch = self.keeper.epoch
+        self.terms += 1
+        self.link.fell_behind()  # nobody is judged before this term's projector caught up
+        self.sweeper.reset({})
+        log.info("registry_active", epoch=epoch, instance=self.keeper.holder)
+        try:
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(self.projector.run(), name="projector")
+                tg.create_task(self.sweeper.run(), name="sweeper")
+                tg.create_task(self._until_lease_lost(), name="lease-watch")
+        except* LeaseLost:
+            self._projected = False  # the follower answers again
+            self.link.fell_behind()
+            log.warning("registry_lost_lease", epoch=epoch, instance=self.keeper.holder)
+
+    async def _until_lease_lost(self) -> None:
+        await self.keeper.wait_lost()
+        raise LeaseLost(f"lease of epoch {self.keeper.epoch} lapsed or taken")
+
+    def _projector_reset(self, records: Mapping[str, WorkerInfo]) -> None:
+        """The projector (re)loaded the bucket: it answers from now on; judge afresh."""
+        self.sweeper.reset(records)
+        self._projected = True
+        if self._following is not None:
+            self._following.cancel()
+
+    async def _stop_following(self) -> None:
+        task, self._following = self._following, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
 
 
 async def serve(

@@ -11,13 +11,16 @@ sweeper all act on:
   once, by itself: nobody has to remember to clear a flag, and a projector that
   catches up on the strength of an older epoch's batch is not believed.
 
-The high-availability lease will lean on the same epochs.
+and a third, for the active/standby lease (registry.server.lease): `fence()`,
+called before every write this process makes to the streams and the bucket,
+raises LeaseLost once the lease is not held (a no-op when nobody set one).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Callable
 
 from nats.aio.client import Client
 
@@ -29,6 +32,7 @@ class Link:
         self.nc = nc
         self._caught_up_in: int | None = None
         self._changed = asyncio.Event()
+        self.fence: Callable[[], None] = lambda: None  # raises when this process may not write
 
     @property
     def epoch(self) -> int:

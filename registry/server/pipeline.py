@@ -54,7 +54,7 @@ class Pipeline:
         self._prefix = ""
         self._sub: Subscription | None = None
         self._next = 0
-        self._pending: dict[str, tuple[str, OnAck | None]] = {}
+        self._pending: dict[str, tuple[str, OnAck | None, OnAck | None]] = {}
         self._idle = asyncio.Event()
         self._idle.set()
         self._failure: Exception | None = None
@@ -70,13 +70,17 @@ class Pipeline:
             self._sub = None
 
     async def publish(
-        self, subject: str, data: bytes, headers: dict[str, str], on_ack: OnAck | None = None
-    ) -> None:
+        self, subject: str, data: bytes, headers: dict[str, str], on_ack: OnAck | None = None,
+        on_duplicate: OnAck | None = None,
+    ) -> None:  # fmt: skip
+        """`on_ack(seq)` once stored; `on_duplicate(seq)` instead when the stream already
+        held a message of this Nats-Msg-Id (seq is that message's)."""
+        self.link.fence()  # a registry that lost its lease writes nothing more
         if not self._pending:
             self._epoch = self.link.epoch
         self._next += 1
         token = str(self._next)
-        self._pending[token] = (subject, on_ack)
+        self._pending[token] = (subject, on_ack, on_duplicate)
         self._idle.clear()
         await self.nc.publish(subject, data, reply=f"{self._prefix}.{token}", headers=headers)
 
@@ -107,7 +111,7 @@ class Pipeline:
         item = self._pending.pop(msg.subject.rpartition(".")[2], None)
         if item is None:
             return
-        subject, on_ack = item
+        subject, on_ack, on_duplicate = item
         try:
             ack = _ACK.decode(msg.data)
         except msgspec.DecodeError:
@@ -116,6 +120,8 @@ class Pipeline:
             self._failure = self._failure or PublishFailed(
                 subject, ack.error.err_code, ack.error.description
             )
+        elif ack.duplicate and on_duplicate is not None:
+            on_duplicate(ack.seq)
         elif on_ack is not None:
             on_ack(ack.seq)
         if not self._pending:

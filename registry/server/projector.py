@@ -53,6 +53,7 @@ from registry.protocol import (
 from registry.server import provision
 from registry.server.consume import Puller
 from registry.server.jsmeta import ack_meta
+from registry.server.lease import LeaseLost
 from registry.server.link import Link
 from registry.server.pipeline import Pipeline, PublishFailed
 from registry.server.provision import DEFAULT_NAMES, Names
@@ -64,6 +65,7 @@ from registry.sweep import ServerClock
 log = structlog.get_logger("registry.projector")
 
 WRITE_TIMEOUT_S = 5.0
+CLOCK_READ_EVERY_S = 5.0  # the server's `ts`, also while events keep coming
 
 
 STREAM_CLOCK_SLACK: Final = timedelta(seconds=2)  # stored times vs the stream's creation
@@ -152,6 +154,7 @@ class Projector:
         self._last_control: dict[tuple[str, str, str], float] = {}
         self._clashes_logged: set[tuple[str, str]] = set()
         self._counted_through = 0
+        self._clock_read_at = 0.0  # monotonic
 
     # ------------------------------------------------------------ views
 
@@ -179,24 +182,26 @@ class Projector:
                 await self._sync()
                 backoff = 0.1
                 await self._consume()
-            except asyncio.CancelledError:
+            except (asyncio.CancelledError, LeaseLost):
                 raise
             except Exception as e:  # noqa: BLE001 - every fault here is retried
                 raise_if_cancelled()  # nats-py turns some cancellations into errors
                 self.counters.resyncs += 1
                 log.warning("projector_resync", error=f"{type(e).__name__}: {e}", retry_in_s=backoff)
                 await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 2.0)
+                backoff = min(backoff * 2, 1.0)  # resume soon after the stream answers
 
     async def _sync(self) -> None:
         self.link.fell_behind()
         self._epoch = self.link.epoch
+        self.link.fence()  # only the active registry recreates the consumer
         await provision.provision(self.nc, self.names, self.settings.replicas)  # a lost store
         self.entries, self.tombstones = await self.bucket.load_all(share=self.parts)
         await self._forget_another_streams_records()
         self.catalog.reset(e.record for e in self.entries.values())
         floor = await provision.consumer_ack_floor(self.nc, self.names)
         start = floor + 1 if floor and self.entries else 1
+        self.link.fence()
         await provision.reset_consumer(self.nc, self.names, start)
         self.on_reset(self.records())
         log.info("projector_started", workers=len(self.entries), from_seq=start)
@@ -230,6 +235,7 @@ class Projector:
             "deleted; their workers register again at their next heartbeat",
         )  # fmt: skip
         for wid in stale:
+            self.link.fence()
             entry = self.entries.pop(wid)
             self.tombstones[wid] = await self.bucket.delete(wid, entry.revision)
         self.counters.streams_replaced += 1
@@ -244,6 +250,8 @@ class Projector:
                 msgs = await puller.take(size, timeout_s=1.0)
                 if msgs:
                     await self._process(msgs)
+                    if time.monotonic() - self._clock_read_at > CLOCK_READ_EVERY_S:
+                        await self.sync_clock()  # under load too: the leader may change
                 else:
                     await self._idle()
         finally:
@@ -257,10 +265,16 @@ class Projector:
         await self._purge_offline()
 
     async def sync_clock(self) -> None:
-        """Read the server's time from a stream info response (`ts`)."""
+        """Read the server's time from a stream info response (`ts`: the stream
+        leader's clock when it answered), forward or back."""
         ts = await provision.server_time(self.nc, self.names)
-        if ts is not None:
-            self.clock.observe(ts.timestamp(), time.monotonic())
+        self._clock_read_at = time.monotonic()
+        if ts is None:
+            return
+        behind = self.clock.step(ts.timestamp(), time.monotonic())
+        if behind:
+            log.warning("server_clock_stepped_back", by_s=round(behind, 3),
+                        hint="a new stream leader's clock is behind the last one's")  # fmt: skip
 
     # ------------------------------------------------------------ one batch
 
@@ -395,6 +409,7 @@ class Projector:
             if entry is None or found is None or found[0] == entry.revision:
                 continue
             revision, theirs = found
+            self.link.fence()
             if theirs is not None:
                 raise ResyncNeeded(f"bucket key was written by someone else: {conflict}")
             entry.revision = await self.bucket.overwrite(wid, entry.record, revision)
@@ -438,6 +453,7 @@ class Projector:
             self._last_control.clear()
             self._clashes_logged.clear()
         for wid, control in batch.controls.items():
+            self.link.fence()
             key = (wid, control.action, control.incarnation)
             if now - self._last_control.get(key, -1e9) < 1.0:
                 continue
@@ -457,6 +473,7 @@ class Projector:
             if e.record.offline_at is not None and e.record.offline_at.timestamp() < cutoff
         ]  # fmt: skip
         for wid in old:
+            self.link.fence()
             entry = self.entries.pop(wid)
             self.catalog.remove(wid)
             try:

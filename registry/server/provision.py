@@ -17,10 +17,13 @@ from nats.aio.client import Client
 from registry import protocol
 from registry.definitions import load as load_definition
 
-STREAM_FILES = ("streams/WORKER_EVENTS.json", "streams/WORKER_AVAILABILITY.json", "kv/workers.json")
+STREAM_FILES = (
+    "streams/WORKER_EVENTS.json", "streams/WORKER_AVAILABILITY.json", "kv/workers.json",
+    "kv/registry_lease.json",
+)  # fmt: skip
 CONSUMER_FILE = "consumers/registry-projector.json"
 STREAM_EXISTS = 10058
-API_TIMEOUT_S = 2.0  # short: after a server restart a request can be lost; we ask again
+API_TIMEOUT_S = 1.0  # short: a request lost in a restart or an election is asked again
 
 
 class ProvisionError(RuntimeError):
@@ -35,25 +38,32 @@ class Names:
     availability: str = protocol.AVAILABILITY_STREAM
     bucket: str = protocol.BUCKET
     consumer: str = protocol.PROJECTOR_CONSUMER
+    lease_bucket: str = protocol.LEASE_BUCKET
 
     @property
     def kv_stream(self) -> str:
         return f"KV_{self.bucket}"
+
+    @property
+    def lease_stream(self) -> str:
+        return f"KV_{self.lease_bucket}"
 
 
 DEFAULT_NAMES = Names()
 
 
 def stream_configs(names: Names, replicas: int = 1) -> list[dict[str, Any]]:
-    """The three stream definitions, renamed for `names` (a no-op by default)."""
-    events, avail, kv = (load_definition(f) for f in STREAM_FILES)
+    """The four stream definitions, renamed for `names` (a no-op by default)."""
+    events, avail, kv, lease = (load_definition(f) for f in STREAM_FILES)
     events["name"] = names.events
     avail["name"] = names.availability
     kv["name"] = names.kv_stream
     kv["subjects"] = [f"$KV.{names.bucket}.>"]
-    for cfg in (events, avail, kv):
+    lease["name"] = names.lease_stream
+    lease["subjects"] = [f"$KV.{names.lease_bucket}.>"]
+    for cfg in (events, avail, kv, lease):
         cfg["num_replicas"] = replicas
-    return [events, avail, kv]
+    return [events, avail, kv, lease]
 
 
 def consumer_config(names: Names, start_seq: int) -> dict[str, Any]:
@@ -97,9 +107,9 @@ async def ensure_stream(nc: Client, cfg: dict[str, Any]) -> bool:
 
 
 async def provision(nc: Client, names: Names = DEFAULT_NAMES, replicas: int = 1) -> bool:
-    """Streams and bucket; harmless to repeat. True if the bucket was created now."""
+    """Streams and buckets; harmless to repeat. True if the `workers` bucket was created now."""
     created = [await ensure_stream(nc, cfg) for cfg in stream_configs(names, replicas)]
-    return created[-1]
+    return created[2]
 
 
 async def server_time(nc: Client, names: Names = DEFAULT_NAMES) -> datetime | None:

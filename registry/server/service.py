@@ -215,7 +215,8 @@ class Endpoints:
     async def stats(self, data: bytes) -> object:
         decode_request(data, dict[str, Any])
         counts: dict[str, object] = msgspec.structs.asdict(self.view.catalog().stats())
-        return counts | with_lag(self.view.counters())
+        lease = getattr(self.view, "lease", None)  # a registry process says who is active
+        return counts | with_lag(self.view.counters()) | ({"registry": lease()} if lease else {})
 
     async def pick(self, data: bytes) -> object:
         req = decode_request(data, PickRequest)
@@ -248,7 +249,8 @@ DESCRIPTIONS: Final = {
     "list": "a page of workers matching {capability?, content_type?, status?, available?, tag?,"
     " all?}, in worker id order from {after?}, at most {limit?}; {next} is the next cursor",
     "get": "the bucket record of {worker_id}",
-    "stats": "fleet counts and projector counters",
+    "stats": "fleet counts, projector counters, and which registry process is active"
+    " ({registry: {instance, role, active: {holder, epoch, since}}})",
     "pick": "the least loaded available worker for {capability?, content_type?}",
     "history": "events of {worker_id} from WORKER_EVENTS {since?, until?, limit?}",
 }

@@ -36,6 +36,10 @@ class RegistrySettings(BaseModel):
     control_max_age_s: float = Field(default=30.0, gt=0)
     connect_timeout_s: float = Field(default=2.0, gt=0)
     service: bool = True
+    instance: str | None = Field(
+        default=None, max_length=200, description="this process among registries (None: host-pid)"
+    )
+    lease_ttl_s: int = Field(default=3, ge=1, le=60, description="active/standby lease, seconds")
     auth: Auth = Field(default_factory=Auth, description="credentials and TLS files")
 
     @field_validator("nats_url")

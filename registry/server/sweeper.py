@@ -32,7 +32,6 @@ from registry.protocol import (
     WorkerInfo,
     encode,
     event_subject,
-    new_msg_id,
 )
 from registry.server.link import Link
 from registry.server.pipeline import Pipeline
@@ -71,6 +70,7 @@ class Sweeper:
         self._silent: dict[str, float] = {}  # past their late deadline: id -> judged heartbeat
         self._last_hold_log = 0.0
         self._wake = asyncio.Event()
+        self._attempts: dict[tuple[str, str, int], int] = {}  # verdicts sent again
         self.pipeline = Pipeline(link)
 
     @property
@@ -109,6 +109,7 @@ class Sweeper:
             return
         if late and self._silent.pop(wid, None) != last:
             return  # not judged late by us: nothing to judge again
+        self._next_attempt("late" if late else "expired", record)  # the id was used
         at = max(last + span, self._now() + REJUDGE_AFTER_S)
         heap.set(wid, last, at)
         self._wake.set()
@@ -200,7 +201,7 @@ class Sweeper:
             events += [(self._expired_event(self.records()[d.worker_id], now),
                         self.records()[d.worker_id]) for d in overdue]  # fmt: skip
         if events:
-            await self._publish(events, now)
+            await self._publish(events)
 
     def _still_due(self, dues: list[Due]) -> list[Due]:
         """Drop workers that went offline or beat since (their deadline is re-armed)."""
@@ -254,21 +255,53 @@ class Sweeper:
             detected_at=datetime.fromtimestamp(now, UTC),
         )  # fmt: skip
 
-    async def _publish(
-        self, events: list[tuple[LateEvent | ExpiredEvent, WorkerInfo]], now: float
-    ) -> None:
+    async def _publish(self, events: list[tuple[LateEvent | ExpiredEvent, WorkerInfo]]) -> None:
         for event, record in events:
             kind = _kind(event)
-            headers = {api.Header.MSG_ID.value: new_msg_id()}
+            headers = {api.Header.MSG_ID.value: self._msg_id(kind, record)}
             subject = event_subject(kind, record.worker_id)
-            await self.pipeline.publish(subject, encode(event), headers, partial(self._count, event))
+            await self.pipeline.publish(
+                subject, encode(event), headers, partial(self._count, event),
+                partial(self._duplicate, event, record),
+            )  # fmt: skip
         try:
             await self.pipeline.flush(PUBLISH_TIMEOUT_S)
-        except Exception as e:  # noqa: BLE001 - judged again after a short pause
-            log.warning("sweep_publish_failed", events=len(events), error=str(e))
-            for event, record in events:  # a repeat is harmless: the fold ignores it
-                heap = self.heap if isinstance(event, ExpiredEvent) else self.late_heap
-                heap.set(record.worker_id, record.last_heartbeat.timestamp(), now + 0.5)
+        except Exception as e:  # noqa: BLE001 - an outage: judged again after it, with grace
+            # No verdict could be stored, so no heartbeat could either (a leader election,
+            # a lost connection): sending the verdicts again when the stream answers
+            # could store them before the heartbeats the workers are retrying. Judge
+            # nobody until the projector has folded what the stream holds then, and
+            # grant everyone a timeout from that moment, as after a restart.
+            log.warning("sweep_publish_failed", events=len(events), error=str(e),
+                        hint="judging again after the projector catches up, with grace")  # fmt: skip
+            self.link.fell_behind()
+            self.reset({})
+
+    def _msg_id(self, kind: str, record: WorkerInfo) -> str:
+        """The same verdict on the same heartbeat has the same Nats-Msg-Id in every
+        registry process, so two active at once (a short overlap) store it once. A
+        verdict judged again after the fold refused it as premature needs another."""
+        key = (kind, record.worker_id, record.last_heartbeat_seq)
+        again = self._attempts.get(key, 0)
+        return f"{record.worker_id}.{kind}.{record.last_heartbeat_seq}" + (f".{again}" if again else "")
+
+    def _next_attempt(self, kind: str, record: WorkerInfo) -> None:
+        if len(self._attempts) > 100_000:
+            self._attempts.clear()
+        key = (kind, record.worker_id, record.last_heartbeat_seq)
+        self._attempts[key] = self._attempts.get(key, 0) + 1
+
+    def _duplicate(self, event: LateEvent | ExpiredEvent, record: WorkerInfo, seq: int) -> None:
+        """The stream already held this verdict (another registry's, or ours refused as
+        premature): look again shortly, under a new id. If it was applied, the worker is
+        no longer due by then and nothing more is sent."""
+        self._next_attempt(_kind(event), record)
+        heap = self.heap if isinstance(event, ExpiredEvent) else self.late_heap
+        if isinstance(event, LateEvent):
+            self._silent.pop(record.worker_id, None)
+        heap.set(record.worker_id, record.last_heartbeat.timestamp(), self._now() + REJUDGE_AFTER_S)
+        self._wake.set()
+        log.info("verdict_already_stored", worker_id=record.worker_id, kind=_kind(event), seq=seq)
 
     def _count(self, event: LateEvent | ExpiredEvent, seq: int) -> None:
         if isinstance(event, ExpiredEvent):

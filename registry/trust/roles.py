@@ -20,12 +20,14 @@ from registry.protocol import (
     AVAILABILITY_STREAM,
     BUCKET,
     EVENTS_STREAM,
+    LEASE_BUCKET,
     PROJECTOR_CONSUMER,
 )
 
 NAME: Final = "{{name()}}"
 INBOX: Final = "_INBOX_{{name()}}.>"
 KV_STREAM: Final = f"KV_{BUCKET}"
+LEASE_STREAM: Final = f"KV_{LEASE_BUCKET}"
 ROLES: Final = ("agent", "registry", "router", "operator", "admin")
 
 _JS: Final = "$JS.API"
@@ -92,6 +94,7 @@ TEMPLATES: Final[dict[str, dict[str, Any]]] = {
                 "worker.control.*",
                 f"{_JS}.>",
                 f"$KV.{BUCKET}.>",
+                f"$KV.{LEASE_BUCKET}.>",  # the active/standby lease
                 "$JS.ACK.>",
                 "$JS.FC.>",
             ],
@@ -116,6 +119,7 @@ TEMPLATES: Final[dict[str, dict[str, Any]]] = {
                 *_follow(EVENTS_STREAM, unnamed=False),
                 *_follow(KV_STREAM),
                 *_follow(AVAILABILITY_STREAM),
+                *_follow(LEASE_STREAM),
                 f"{_JS}.STREAM.NAMES",
                 f"{_JS}.STREAM.LIST",
                 f"{_JS}.CONSUMER.NAMES.*",

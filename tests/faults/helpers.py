@@ -35,11 +35,13 @@ from typing import Any
 
 import msgspec
 import nats.errors
+import nats.js.errors
 from nats.aio.client import Client
 from nats.js import JetStreamContext, api
 from nats.js.api import PubAck
 
 from registry.cancel import raise_if_cancelled
+from registry.protocol import LEASE_BUCKET, LEASE_KEY
 from registry.server.provision import api as js_api
 from tests.conftest import eventually, stop_task
 from tests.integration.registry_helpers import (
@@ -466,3 +468,29 @@ def jumpable_wall_clock(package: str = "registry") -> Iterator[WallClock]:
         time.time, time.time_ns = real_time, real_ns  # type: ignore[assignment]
         for mod in patched:
             mod.datetime = datetime  # type: ignore[attr-defined]
+
+
+# ---------------------------------------------------------------- the active/standby lease
+
+
+async def lease_holder(js: JetStreamContext) -> tuple[str, int] | None:
+    """(holder, epoch) of the registry lease as the server has it now; None when free."""
+    try:
+        msg = await js.get_last_msg(f"KV_{LEASE_BUCKET}", f"$KV.{LEASE_BUCKET}.{LEASE_KEY}")
+    except nats.js.errors.NotFoundError:
+        return None
+    if (msg.headers or {}).get("KV-Operation") in ("DEL", "PURGE"):
+        return None
+    value = json.loads(msg.data or b"{}")
+    return str(value["holder"]), int(value.get("epoch") or msg.seq or 0)
+
+
+async def holder_change(js: JetStreamContext, old: str, timeout_s: float) -> tuple[str, int]:
+    """Poll the lease every 20 ms until someone other than `old` holds it."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        now = await lease_holder(js)
+        if now is not None and now[0] != old:
+            return now
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"nobody took the lease over from {old} within {timeout_s} s")

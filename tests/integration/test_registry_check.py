@@ -24,8 +24,10 @@ from tests.integration.registry_helpers import (
 
 @bounded(20)
 async def test_healthy_registry_passes(nats_server: NatsServer) -> None:
-    async with running_registry(nats_server.url, caught_up=True):
-        assert (await check(nats_server.url, max_lag=10)).startswith("ok")
+    async with running_registry(nats_server.url, caught_up=True, instance="reg-a") as reg:
+        report = await check(nats_server.url, max_lag=10)
+        epoch = reg.counters()["lease_epoch"]
+    assert report.startswith("ok") and f"active registry reg-a (epoch {epoch}, since" in report
 
 
 async def test_unreachable_server_fails_with_the_reason() -> None:

@@ -74,6 +74,18 @@ def test_clock_follows_server_timestamps_not_the_local_wall_clock() -> None:
     assert clock.now(55.0) == 1011.0
 
 
+def test_a_reading_of_the_servers_now_steps_the_clock_back_after_a_leader_change() -> None:
+    clock = ServerClock()
+    clock.observe(1000.0, mono_now=50.0)  # stored by a leader whose clock is 5 s ahead
+    assert clock.step(996.0, mono_now=51.0) == 5.0  # the new leader answers: 996 now
+    assert clock.now(52.0) == 997.0
+    assert clock.mono_at(1000.0, mono_now=52.0) == 55.0  # a deadline at 1000 is 3 s away
+    assert clock.step(996.8, mono_now=52.0) == 0.0  # behind by 0.2 s: latency, ignored
+    assert clock.now(52.0) == 997.0
+    assert clock.step(999.0, mono_now=52.0) == 0.0  # ahead: forward, as observe()
+    assert clock.now(52.0) == 999.0
+
+
 def test_clock_converts_server_deadlines_to_monotonic_time() -> None:
     clock = ServerClock()
     clock.observe(1000.0, mono_now=50.0)

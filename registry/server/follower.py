@@ -1,0 +1,69 @@
+"""A standby registry's view: the bucket as the active one writes it.
+
+A standby does not fold events, but it answers the query service like the
+active one (a micro service spreads requests over every instance): from the
+bucket, followed by an ordered consumer that delivers the last value of every
+key and then each newer one. Its answers trail the active registry's by the
+time a bucket write takes to come by (milliseconds; seconds if the consumer
+stalls and is recreated).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping
+
+import msgspec
+import structlog
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.js import api
+
+from registry.catalog import Catalog
+from registry.lastvalues import is_deleted
+from registry.protocol import WORKER_INFO_DECODER, WorkerInfo
+from registry.server.provision import DEFAULT_NAMES, Names
+
+log = structlog.get_logger("registry.follower")
+
+
+class Follower:
+    def __init__(self, nc: Client, names: Names = DEFAULT_NAMES) -> None:
+        self.nc = nc
+        self.names = names
+        self.prefix = f"$KV.{names.bucket}."
+        self.catalog = Catalog()
+        self.values_seen = 0
+        self.values_invalid = 0
+
+    def records(self) -> Mapping[str, WorkerInfo]:
+        return self.catalog.records
+
+    async def run(self) -> None:
+        """Follow the bucket until cancelled (starting from an empty view)."""
+        self.catalog.reset(())
+        sub = await self.nc.jetstream().subscribe(
+            f"{self.prefix}>", stream=self.names.kv_stream, ordered_consumer=True, cb=self._take,
+            deliver_policy=api.DeliverPolicy.LAST_PER_SUBJECT, idle_heartbeat=1.0,
+            pending_msgs_limit=-1, pending_bytes_limit=-1,
+        )  # fmt: skip
+        try:
+            await asyncio.Event().wait()
+        finally:
+            await sub.unsubscribe()
+
+    async def _take(self, msg: Msg) -> None:
+        key = msg.subject[len(self.prefix) :]
+        self.values_seen += 1
+        if is_deleted(msg):
+            self.catalog.remove(key)
+            return
+        try:
+            record = WORKER_INFO_DECODER.decode(msg.data)
+        except msgspec.DecodeError:  # the active registry repairs such values; skip it here
+            self.values_invalid += 1
+            return
+        if record.worker_id != key:
+            self.values_invalid += 1
+            return
+        self.catalog.put(record)
