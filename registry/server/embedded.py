@@ -151,3 +151,59 @@ class NatsServer:
 
     async def astop(self) -> None:
         await asyncio.to_thread(self.stop)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+CLUSTER_FILES = ("cluster/n1.conf", "cluster/n2.conf", "cluster/n3.conf")
+_SHIPPED_PORTS = {"client": (4222, 4223, 4224), "http": (8222, 8223, 8224),
+                  "cluster": (6222, 6223, 6224)}  # fmt: skip
+
+
+@dataclass
+class LocalCluster:
+    """Three nats-servers on loopback from the shipped nats/cluster/n{1,2,3}.conf, with
+    their ports moved to free ones (tests and benchmarks run beside other servers)."""
+
+    root: Path
+    nodes: list[NatsServer] = field(default_factory=list)
+
+    @property
+    def urls(self) -> list[str]:
+        return [n.url for n in self.nodes]
+
+    @property
+    def url(self) -> str:
+        """All three, comma-separated, as `--nats` takes them."""
+        return ",".join(self.urls)
+
+    def start(self, timeout_s: float = 20.0) -> str:
+        self.root.mkdir(parents=True, exist_ok=True)
+        ports = {kind: [free_port() for _ in shipped] for kind, shipped in _SHIPPED_PORTS.items()}
+        for i, rel in enumerate(CLUSTER_FILES):
+            text = definitions.ROOT.joinpath(rel).read_text()
+            for kind, shipped in _SHIPPED_PORTS.items():
+                for old, new in zip(shipped, ports[kind], strict=True):
+                    text = text.replace(f"127.0.0.1:{old}", f"127.0.0.1:{new}")
+            # the store comes from the command line (-sd), which must not meet the file's
+            text = text.replace(f'store_dir: "./data/n{i + 1}"', "")
+            conf = self.root / f"n{i + 1}.conf"
+            conf.write_text(text)
+            self.nodes.append(
+                NatsServer(self.root / f"n{i + 1}", port=ports["client"][i], config=conf)
+            )
+        try:
+            for node in self.nodes:
+                node.start(timeout_s)
+        except BaseException:
+            self.stop()
+            raise
+        return self.url
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop()
