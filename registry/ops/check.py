@@ -54,7 +54,7 @@ async def _provisioned(nc: Client, names: Names) -> None:
         info = await api(nc, f"STREAM.INFO.{cfg['name']}")
         if "error" in info:
             raise Unhealthy(f"stream {cfg['name']} is not provisioned")
-        diff = config_diff(cfg, info["config"])
+        diff = config_diff(cfg, info["config"], skip=frozenset({"num_replicas"}))  # 1 or 3: yours
         if diff:
             raise Unhealthy(f"stream {cfg['name']} differs from its definition: {diff[0]}")
 

@@ -82,8 +82,10 @@ async def api(nc: Client, subject: str, body: dict[str, Any] | None = None) -> d
     return result
 
 
-def config_diff(wanted: dict[str, Any], actual: dict[str, Any]) -> list[str]:
-    skip = {"description"}
+def config_diff(
+    wanted: dict[str, Any], actual: dict[str, Any], skip: frozenset[str] = frozenset()
+) -> list[str]:
+    skip = skip | {"description"}
     return [
         f"{k}: server has {actual.get(k)!r}, definition says {v!r}"
         for k, v in wanted.items()
@@ -128,11 +130,21 @@ async def stream_origin(nc: Client, names: Names = DEFAULT_NAMES) -> tuple[datet
     return msgspec.convert(info["created"], datetime), int(info["state"]["last_seq"])
 
 
+CONSUMER_NOT_FOUND = 10014
+
+
 async def consumer_ack_floor(nc: Client, names: Names) -> int | None:
-    """The projector checkpoint: its consumer's ack floor, or None without one."""
+    """The projector checkpoint: its consumer's ack floor, or None without one.
+
+    Only "no such consumer" means none: any other error (no leader during an
+    election, say) raises, and the caller asks again, rather than folding the
+    whole stream again from sequence 1."""
     info = await api(nc, f"CONSUMER.INFO.{names.events}.{names.consumer}")
-    if "error" in info:
+    error = info.get("error")
+    if error is not None and error.get("err_code") == CONSUMER_NOT_FOUND:
         return None
+    if error is not None:
+        raise ProvisionError(f"consumer {names.consumer}: {error.get('description')}")
     return int(info["ack_floor"]["stream_seq"])
 
 

@@ -12,7 +12,7 @@ from nats.aio.client import Client
 
 from registry import definitions
 from registry.server.embedded import NatsServer
-from registry.server.provision import ProvisionError, provision
+from registry.server.provision import DEFAULT_NAMES, Names, ProvisionError, consumer_ack_floor, provision
 from tests.integration.registry_helpers import (
     AVAILABILITY,
     BUCKET,
@@ -78,3 +78,13 @@ async def test_registry_up_refuses_mismatched_stream_with_one_line(
     assert lines[0].startswith("registry: ") and "max_msgs_per_subject" in lines[0]
     assert "Traceback" not in lines[0]
     assert stdout == b""  # never announced itself as running
+
+
+async def test_only_a_missing_consumer_reads_as_no_checkpoint(nats_server: NatsServer, nc: Client) -> None:
+    """None (fold from sequence 1) only when the consumer does not exist; any other
+    error (here: no such stream; on a cluster: no leader yet) is raised and asked
+    again, never read as 'start over'."""
+    await provision(nc)
+    assert await consumer_ack_floor(nc, DEFAULT_NAMES) is None
+    with pytest.raises(ProvisionError):
+        await consumer_ack_floor(nc, Names(events="NO_SUCH_STREAM"))
