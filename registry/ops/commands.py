@@ -299,9 +299,22 @@ async def _stats(args: argparse.Namespace) -> int:
     if args.json:
         emit(counts)
     else:
+        counts.update(_lease_lines(counts.pop("registry", None)))
         width = max(len(k) for k in counts)
         print("\n".join(f"{k:<{width}}   {v}" for k, v in counts.items()))
     return 0
+
+
+def _lease_lines(registry: Any) -> dict[str, str]:
+    """The answering process and the active one, one line each (the JSON keeps the
+    structure: `registry: {instance, role, active: {holder, epoch, since}}`)."""
+    if not isinstance(registry, dict):
+        return {}
+    active = registry.get("active") or {}
+    holder = (f"{active.get('holder')} (epoch {active.get('epoch')}, since {active.get('since')})"
+              if active else "none (a takeover under way?)")  # fmt: skip
+    return {"active_registry": holder,
+            "answered_by": f"{registry.get('instance')} ({registry.get('role')})"}  # fmt: skip
 
 
 async def service_counters(nc: Client) -> dict[str, Any] | None:

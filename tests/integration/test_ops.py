@@ -242,6 +242,27 @@ async def test_stats_include_the_service_counters_when_it_answers(
     )
 
 
+class _Standby(View):
+    def lease(self) -> dict[str, object]:
+        return {"instance": "reg-b", "role": "standby", "lease_ttl_s": 3,
+                "active": {"holder": "reg-a", "epoch": 7, "since": "2026-12-07T06:00:00+00:00"}}  # fmt: skip
+
+
+async def test_stats_say_which_registry_is_active_and_which_answered(
+    capsys: pytest.CaptureFixture[str], nats_server: NatsServer, nc: Client, fleet: list[WorkerInfo]
+) -> None:
+    service = await start_service(nc, _Standby({r.worker_id: r for r in fleet}))
+    try:
+        _, table, _ = await run(capsys, "stats", "--nats", nats_server.url)
+        _, out, _ = await run(capsys, "stats", "--json", "--nats", nats_server.url)
+    finally:
+        await service.stop()
+    lines = {line.split()[0]: line.split(None, 1)[1] for line in table.splitlines()}
+    assert lines["active_registry"] == "reg-a (epoch 7, since 2026-12-07T06:00:00+00:00)"
+    assert lines["answered_by"] == "reg-b (standby)"
+    assert json.loads(out)["registry"]["active"]["holder"] == "reg-a"
+
+
 # ---------------------------------------------------------------- events
 
 
