@@ -22,6 +22,7 @@ import psutil
 from nats.aio.client import Client
 
 from agent.simulate import AckedPublisher, Fleet, SimSettings
+from registry.connect import split_servers
 from registry.server.embedded import NatsServer, find_binary
 from registry.server.provision import provision
 
@@ -95,7 +96,7 @@ async def _quiet(e: Exception) -> None:
 
 async def client(url: str, name: str = "bench") -> Client:
     return await nats.connect(
-        url, name=name, max_reconnect_attempts=-1, pending_size=64 * 1024 * 1024, error_cb=_quiet
+        split_servers(url), name=name, max_reconnect_attempts=-1, pending_size=64 * 1024 * 1024, error_cb=_quiet
     )
 
 

@@ -144,6 +144,12 @@ def targets(r: dict[str, Any]) -> list[str]:
                 _ok(1 / ratios["event_to_bucket_p99"], 0.9, below=False),
             ]
         )
+    ha = _get(r, "ha")
+    if ha:
+        kill = ha["takeover"]["kill9_lease_s"]
+        rows.append([f"takeover after kill -9 of the active registry, p99 over {kill['n']} kills",
+                     f"{kill['p99']} s (p50 {kill['p50']}, max {kill['max']})", "<= 5 s",
+                     _ok(kill["p99"], 5.0001)])  # fmt: skip
     return _table(["figure", "measured", "target", ""], rows)  # fmt: skip
 
 
@@ -175,7 +181,32 @@ def markdown(doc: dict[str, Any]) -> str:
     out += _scale(_get(r, "scale"))
     out += _trust(_get(r, "trust"))
     out += _service(_get(r, "service"))
+    out += _ha(_get(r, "ha"))
     return "\n".join(out)
+
+
+def _ha(ha: dict[str, Any] | None) -> list[str]:
+    if not ha:
+        return []
+    t, c = ha["takeover"], ha["cluster"]
+    out = ["## Active/standby and the 3-node cluster (bench/ha.py)", ""]
+    out += _table(["after", "another registry holds the lease (s) p50/p99/max",
+                   "an event published then is folded (s) p50/p99/max"], [
+        [f"kill -9 of the active one ({t['kill9_lease_s']['n']} times)", _p(t["kill9_lease_s"]),
+         _p(t["kill9_folding_s"])],
+        [f"SIGTERM of the active one ({t['sigterm_lease_s']['n']} times)", _p(t["sigterm_lease_s"]),
+         ""],
+    ])  # fmt: skip
+    out += [f"Lease TTL {t['lease_ttl_s']} s, renewed every second.", ""]
+    out += _table(["servers", "events", "folded in", "events/s"], [
+        ["one nats-server", f"{c['single']['events']:,}", f"{c['single']['seconds']} s",
+         f"{c['single']['rate']:,}"],
+        ["3-node cluster, R3", f"{c['r3_cluster']['events']:,}", f"{c['r3_cluster']['seconds']} s",
+         f"{c['r3_cluster']['rate']:,}"],
+    ])  # fmt: skip
+    out += [f"R3 cluster / single node: {c['ratio_r3_over_single']} ({c['workers']:,} workers, "
+            f"{c['rounds']} heartbeats each, preloaded).", ""]  # fmt: skip
+    return out
 
 
 def _trust(tr: dict[str, Any] | None) -> list[str]:

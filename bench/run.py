@@ -27,13 +27,13 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench import latency, report, routing, scale, service, throughput, trust
+from bench import ha, latency, report, routing, scale, service, throughput, trust
 from bench.common import machine
 from bench.profile import PySpy, summary
 from registry import logs
 
 RESULTS = Path(__file__).resolve().parent / "results"
-PARTS = ("throughput", "latency", "routing", "scale", "service", "trust")
+PARTS = ("throughput", "latency", "routing", "scale", "service", "trust", "ha")
 
 SIZES: dict[str, dict[str, Any]] = {
     "quick": {
@@ -49,6 +49,7 @@ SIZES: dict[str, dict[str, Any]] = {
         "bytes_sample": (50, 5),
         "trust": {"workers": 1000, "rounds": 5, "agents": 20, "rate_hz": 20.0,
                   "duration_s": 6.0, "conns": 200, "mints": 1000},
+        "ha": {"kills": 20, "terms": 3, "workers": 1000, "rounds": 10},
     },
     "full": {
         "throughput": [(1000, 50), (10000, 5), (100000, 1)],
@@ -66,6 +67,7 @@ SIZES: dict[str, dict[str, Any]] = {
         "bytes_sample": (200, 20),
         "trust": {"workers": 10000, "rounds": 5, "agents": 50, "rate_hz": 20.0,
                   "duration_s": 20.0, "conns": 1000, "mints": 5000},
+        "ha": {"kills": 30, "terms": 5, "workers": 10000, "rounds": 5},
     },
 }  # fmt: skip
 
@@ -112,12 +114,16 @@ async def run_parts(mode: str, parts: list[str], profile: bool) -> dict[str, Any
     async def tr() -> dict[str, Any]:
         return await trust.measure(**sizes["trust"])
 
+    async def hav() -> dict[str, Any]:
+        return await ha.measure(**sizes["ha"])
+
     await part("throughput", tp)
     await part("latency", lat)
     await part("routing", rt)
     await part("scale", sc)
     await part("service", sv)
     await part("trust", tr)
+    await part("ha", hav)
     return results
 
 
