@@ -14,6 +14,18 @@ Every `--every` seconds one fault, in rotation:
 - heartbeat_race: workers beat within +-50 ms of their deadlines (then a final
   heartbeat: the worker must be live once that is folded).
 
+With `--cluster`, the servers are the 3-node cluster of nats/cluster/ (R3
+streams and buckets, every client given all three URLs) and two registries run
+active/standby; the faults are then:
+
+- active_kill9: kill -9 the active registry (the lease holder), start a new
+  standby at once;
+- active_sigstop: pause the active registry past its lease (SIGSTOP), wake it
+  once the standby has taken over, and stop it (a supervisor's restart);
+- leader_kill9: kill -9 the node leading WORKER_EVENTS, start it again 5 s later;
+- node_kill9: the same with a node that leads nothing of ours if there is one;
+- heartbeat_race, as above.
+
 Then the load stops and the invariants are checked: the bucket equals a replay
 of the stream (every field but `version`, see tests/faults/test_replay_trim.py),
 no acknowledged event of the raw fleet is lost or applied twice, and no worker
@@ -28,6 +40,7 @@ import argparse
 import asyncio
 import json
 import random
+import signal
 import sys
 import tempfile
 import time
@@ -46,13 +59,15 @@ from nats.js import JetStreamContext  # noqa: E402
 
 from agent.simulate import SimReport, SimSettings, simulate  # noqa: E402
 from registry import logs  # noqa: E402
-from registry.server.embedded import NatsServer  # noqa: E402
+from registry.server.embedded import LocalCluster, NatsServer  # noqa: E402
 from registry.server.provision import api as js_api  # noqa: E402
 from registry.server.provision import provision  # noqa: E402
 from tests.faults.helpers import (  # noqa: E402
     RawFleet,
     StoredMsg,
     exactly_once,
+    holder_change,
+    lease_holder,
     projector_lag_s,
     replay,
     stream_messages,
@@ -70,6 +85,8 @@ from tests.integration.registry_helpers import (  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 FAULTS = ("registry_kill9", "nats_restart", "registry_stopped", "heartbeat_race")
+CLUSTER_FAULTS = ("active_kill9", "leader_kill9", "active_sigstop", "node_kill9", "heartbeat_race")
+NODE_DOWN_S = 5.0
 FLOOR_S = 1.0
 SIM_INTERVAL_S = 1.0  # timeout 3 s, late after 1.5 s
 RAW_DECLARED_S = 2.0  # timeout 6 s: the raw fleet beats 4x a second, so it is never silent
@@ -80,11 +97,13 @@ RACERS, RACE_ROUNDS, RACE_SPREAD_S = 20, 4, 0.05
 @dataclass
 class Soak:
     args: argparse.Namespace
-    server: NatsServer
+    server: NatsServer | LocalCluster
     nc: Client
     logs_dir: Path
     registry: RegistryProcess | None = None
+    standbys: dict[str, RegistryProcess] = field(default_factory=dict)  # --cluster: by instance
     starts: int = 0
+    takeovers_s: list[float] = field(default_factory=list)
     faults: Counter[str] = field(default_factory=Counter)
     race_trials: int = 0
     race_not_live: int = 0
@@ -95,15 +114,43 @@ class Soak:
     def js(self) -> JetStreamContext:
         return self.nc.jetstream()
 
+    @property
+    def clustered(self) -> bool:
+        return isinstance(self.server, LocalCluster)
+
     async def start_registry(self) -> None:
+        """Single server: the registry. Cluster: one more registry process (R3, all URLs)."""
         self.starts += 1
-        args = ["--nats", self.server.url, "--timeout-floor", str(FLOOR_S), "--log-level", "warning"]
-        self.registry = await RegistryProcess(args, self.logs_dir / f"registry-{self.starts}.log").start()
+        name = f"registry-{self.starts}"
+        args = ["--nats", self.server.url, "--timeout-floor", str(FLOOR_S), "--log-level", "warning",
+                "--instance", name]  # fmt: skip
+        if self.clustered:
+            args += ["--replicas", "3"]
+        proc = await RegistryProcess(args, self.logs_dir / f"{name}.log").start()
+        if self.clustered:
+            await proc.first_line(timeout=60.0)
+            self.standbys[name] = proc
+        else:
+            self.registry = proc
 
     async def stop_registry(self) -> None:
+        """Every registry process: the standbys first, then the active one."""
+        active = await _quiet(lease_holder(self.js)) if self.clustered else None
+        names = sorted(self.standbys, key=lambda n: active is not None and n == active[0])
+        for name in names:
+            await self.standbys.pop(name).terminate()
         if self.registry is not None:
             await self.registry.terminate()
             self.registry = None
+
+    async def _active(self) -> tuple[str, RegistryProcess]:
+        held = await lease_holder(self.js)
+        assert held is not None and held[0] in self.standbys, f"lease holder {held} is not ours"
+        return held[0], self.standbys[held[0]]
+
+    async def _takeover_from(self, name: str, started: float) -> None:
+        await holder_change(self.js, name, timeout_s=60.0)
+        self.takeovers_s.append(round(time.monotonic() - started, 2))
 
     # ------------------------------------------------------------ faults
 
@@ -113,12 +160,53 @@ class Soak:
         await self.start_registry()
 
     async def nats_restart(self) -> None:
+        assert isinstance(self.server, NatsServer)
         await asyncio.to_thread(self.server.restart)
 
     async def registry_stopped(self) -> None:
         await self.stop_registry()
         await asyncio.sleep(1.5 * 3 * RAW_DECLARED_S)  # past every worker's timeout
         await self.start_registry()
+
+    async def active_kill9(self) -> None:
+        name, proc = await self._active()
+        started = time.monotonic()
+        await proc.kill9()
+        del self.standbys[name]
+        await self.start_registry()
+        await self._takeover_from(name, started)
+
+    async def active_sigstop(self) -> None:
+        name, proc = await self._active()
+        assert proc.proc is not None
+        started = time.monotonic()
+        proc.proc.send_signal(signal.SIGSTOP)
+        try:
+            await self._takeover_from(name, started)
+            await asyncio.sleep(2.0)  # the new active one writes meanwhile
+        finally:
+            proc.proc.send_signal(signal.SIGCONT)
+        await asyncio.sleep(2.0)  # awake: it must notice and write nothing
+        await self.standbys.pop(name).terminate()
+        await self.start_registry()
+
+    async def leader_kill9(self) -> None:
+        await self._node_kill9(leader=True)
+
+    async def node_kill9(self) -> None:
+        await self._node_kill9(leader=False)
+
+    async def _node_kill9(self, leader: bool) -> None:
+        assert isinstance(self.server, LocalCluster)
+        info = await self.js.stream_info("WORKER_EVENTS")
+        lead = info.cluster.leader if info.cluster else None
+        names = [f"n{i + 1}" for i in range(len(self.server.nodes))]
+        others = [n for n in names if n != lead]
+        victim = lead if leader and lead else random.Random(self.starts).choice(others)
+        node = self.server.nodes[int(victim.removeprefix("n")) - 1]
+        await asyncio.to_thread(node.kill)
+        await asyncio.sleep(NODE_DOWN_S)
+        await asyncio.to_thread(node.start)
 
     async def heartbeat_race(self) -> None:
         n = self.faults["heartbeat_race"]
@@ -297,7 +385,7 @@ async def _load(soak: Soak, fleet: RawFleet, stop: asyncio.Event) -> asyncio.Tas
 
 
 async def _rotate(soak: Soak, until: float) -> None:
-    kinds = list(FAULTS)
+    kinds = list(CLUSTER_FAULTS if soak.clustered else FAULTS)
     random.Random(soak.args.seed).shuffle(kinds)
     i = 0
     while time.monotonic() + soak.args.every < until:
@@ -314,16 +402,20 @@ async def _wind_down(stop: asyncio.Event, sim: asyncio.Task[SimReport]) -> SimRe
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     tmp = Path(tempfile.mkdtemp(prefix="soak-"))
-    server = NatsServer(tmp / "nats")
+    server: NatsServer | LocalCluster = LocalCluster(tmp / "cluster") if args.cluster else NatsServer(tmp / "nats")
     await asyncio.to_thread(server.start)
-    nc = await nats.connect(server.url, max_reconnect_attempts=-1, reconnect_time_wait=0.1,
+    urls = server.urls if isinstance(server, LocalCluster) else [server.url]
+    nc = await nats.connect(servers=urls, max_reconnect_attempts=-1, reconnect_time_wait=0.1,
                             error_cb=_ignore)  # fmt: skip
     soak = Soak(args, server, nc, tmp)
     started = time.monotonic()
     try:
-        await provision(nc)
+        await _provision(nc, 3 if args.cluster else 1)
         await soak.start_registry()
-        await soak.registry.first_line()  # type: ignore[union-attr]
+        if args.cluster:
+            await soak.start_registry()  # the standby
+        else:
+            await soak.registry.first_line()  # type: ignore[union-attr]
         fleet = RawFleet(soak.js, args.raw, rate_hz=4.0, declared_interval_s=RAW_DECLARED_S)
         stop = asyncio.Event()
         sim = await _load(soak, fleet, stop)
@@ -338,10 +430,24 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         monitor.cancel()
         return await _check(soak, fleet, report, time.monotonic() - started)
     finally:
-        if soak.registry is not None:
-            await soak.registry.close()
+        for proc in [soak.registry, *soak.standbys.values()]:
+            if proc is not None:
+                await proc.close()
         await nc.close()
         await asyncio.to_thread(server.stop)
+
+
+async def _provision(nc: Client, replicas: int, timeout_s: float = 60.0) -> None:
+    """Right after a cluster starts, R3 streams wait for a meta leader: ask again."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            await provision(nc, replicas=replicas)
+            return
+        except Exception:
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.5)
 
 
 async def _caught_up(js: JetStreamContext, fleet: RawFleet, timeout_s: float = 30.0) -> None:
@@ -359,7 +465,8 @@ async def _check(soak: Soak, fleet: RawFleet, sim: SimReport, duration_s: float)
     history = await stream_messages(js)
     last_seq = (await js.stream_info("WORKER_EVENTS")).state.last_seq
     result = audit(records, fleet, history)
-    rebuilt = await replay(soak.server.url, js, records, timeout_s=120.0)
+    rebuilt = await replay(soak.server.url, js, records, timeout_s=120.0,
+                           replicas=3 if soak.clustered else 1)  # fmt: skip
     mismatched = [w for w in records if without({w: rebuilt.get(w, {})}, "version") != without({w: records[w]}, "version")]
     version_only = [w for w in records if w not in mismatched and rebuilt.get(w) != records[w]]
     kinds = Counter(m.kind for m in history)
@@ -389,6 +496,8 @@ async def _check(soak: Soak, fleet: RawFleet, sim: SimReport, duration_s: float)
                       "restarts": sim.restarts, "silent_deaths": sim.silent_deaths},
         "raw_fleet": {"workers": len(fleet.ledgers), "stored": fleet.stored, "retries": fleet.retries},
         "registry_starts": soak.starts,
+        "servers": "3-node cluster, R3, two registries" if soak.clustered else "one nats-server",
+        "takeovers_s": sorted(soak.takeovers_s),
         "examples": result["examples"],
     }
 
@@ -401,6 +510,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--raw", type=int, default=100, help="raw-fleet workers on the ledger (default 100)")
     p.add_argument("--churn", type=float, default=0.2, help="simulator churn, fleet fraction/min (default 0.2)")
     p.add_argument("--seed", type=int, default=6)
+    p.add_argument("--cluster", action="store_true",
+                   help="3 nats-servers (nats/cluster/), R3, two registries; node and registry kills")
     p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args(argv)
     if args.minutes <= 0 or args.every <= 0 or args.workers < 1 or args.raw < 1:
