@@ -26,6 +26,8 @@ active/standby; the faults are then:
 - node_kill9: the same with a node that leads nothing of ours if there is one;
 - heartbeat_race, as above.
 
+A router follows WORKER_AVAILABILITY throughout; after each fault, the time
+until it has taken every announcement made by then is recorded (at most 15 s).
 Then the load stops and the invariants are checked: the bucket equals a replay
 of the stream (every field but `version`, see tests/faults/test_replay_trim.py),
 no acknowledged event of the raw fleet is lost or applied twice, and no worker
@@ -59,6 +61,7 @@ from nats.js import JetStreamContext  # noqa: E402
 
 from agent.simulate import SimReport, SimSettings, simulate  # noqa: E402
 from registry import logs  # noqa: E402
+from registry.router import Router  # noqa: E402
 from registry.server.embedded import LocalCluster, NatsServer  # noqa: E402
 from registry.server.provision import api as js_api  # noqa: E402
 from registry.server.provision import provision  # noqa: E402
@@ -87,6 +90,7 @@ RESULTS = ROOT / "bench" / "results"
 FAULTS = ("registry_kill9", "nats_restart", "registry_stopped", "heartbeat_race")
 CLUSTER_FAULTS = ("active_kill9", "leader_kill9", "active_sigstop", "node_kill9", "heartbeat_race")
 NODE_DOWN_S = 5.0
+ROUTER_WITHIN_S = 15.0  # a router has every announcement made by then, counted from the fault
 FLOOR_S = 1.0
 SIM_INTERVAL_S = 1.0  # timeout 3 s, late after 1.5 s
 RAW_DECLARED_S = 2.0  # timeout 6 s: the raw fleet beats 4x a second, so it is never silent
@@ -109,6 +113,8 @@ class Soak:
     race_not_live: int = 0
     lag_samples: list[float] = field(default_factory=list)
     recovered_s: dict[str, list[float]] = field(default_factory=dict)
+    router: Router | None = None  # follows WORKER_AVAILABILITY through every fault
+    router_converged_s: dict[str, list[float]] = field(default_factory=dict)
 
     @property
     def js(self) -> JetStreamContext:
@@ -251,6 +257,13 @@ class Soak:
         recovered = round(time.monotonic() - done, 2)
         self.recovered_s.setdefault(kind, []).append(recovered)
         line = {"fault": kind, "took_s": round(done - started, 2), "folding_caught_up_after_s": recovered}
+        if self.router is not None:  # it has taken every announcement made by now
+            announced = await _quiet(_last_seq(self.nc, "WORKER_AVAILABILITY"))
+            while announced is not None and self.router.last_seq < announced and time.monotonic() - started < 60.0:
+                await asyncio.sleep(0.05)
+            converged = round(time.monotonic() - started, 2)
+            self.router_converged_s.setdefault(kind, []).append(converged)
+            line["router_converged_after_s"] = converged
         print(json.dumps(line), file=sys.stderr, flush=True)
 
     async def monitor(self) -> None:
@@ -260,8 +273,8 @@ class Soak:
             await asyncio.sleep(0.5)
 
 
-async def _last_seq(nc: Client) -> int:
-    return int((await js_api(nc, "STREAM.INFO.WORKER_EVENTS"))["state"]["last_seq"])
+async def _last_seq(nc: Client, stream: str = "WORKER_EVENTS") -> int:
+    return int((await js_api(nc, f"STREAM.INFO.{stream}"))["state"]["last_seq"])
 
 
 async def _ack_floor(nc: Client) -> int | None:
@@ -420,6 +433,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         stop = asyncio.Event()
         sim = await _load(soak, fleet, stop)
         monitor = asyncio.create_task(soak.monitor())
+        soak.router = await Router.connect(server.url)
         async with fleet.beating(settle_s=30.0):
             await _rotate(soak, started + args.minutes * 60.0)
             report = await _wind_down(stop, sim)
@@ -430,6 +444,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         monitor.cancel()
         return await _check(soak, fleet, report, time.monotonic() - started)
     finally:
+        if soak.router is not None:
+            await soak.router.close()
         for proc in [soak.registry, *soak.standbys.values()]:
             if proc is not None:
                 await proc.close()
@@ -492,6 +508,7 @@ async def _check(soak: Soak, fleet: RawFleet, sim: SimReport, duration_s: float)
                             "samples": len(soak.lag_samples),
                             "samples_without_consumer": len(soak.lag_samples) - len(finite),
                             "folding_caught_up_after_fault_s": {k: max(v) for k, v in soak.recovered_s.items()}},
+        "router_converged_after_fault_s": {k: max(v) for k, v in soak.router_converged_s.items()},
         "simulator": {"workers": sim.workers, "acked": sim.acked, "errors": sim.errors, "timeouts": sim.timeouts,
                       "restarts": sim.restarts, "silent_deaths": sim.silent_deaths},
         "raw_fleet": {"workers": len(fleet.ledgers), "stored": fleet.stored, "retries": fleet.retries},
@@ -530,6 +547,7 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps(summary, indent=2))
     print(f"written to {path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}", file=sys.stderr)
     ok = all(summary[k] == 0 for k in ("lost", "double_applied", "false_expiries", "replay_mismatches"))
+    ok = ok and max(summary["router_converged_after_fault_s"].values(), default=0.0) <= ROUTER_WITHIN_S
     return 0 if ok and summary["race_not_live_after_final_heartbeat"] == 0 else 1
 
 

@@ -301,6 +301,30 @@ async def test_agents_and_routers_cannot_delete_purge_or_write_the_bucket(
 
 
 @bounded(60)
+async def test_only_the_registry_role_may_take_or_drop_the_active_standby_lease(
+    secured: NatsServer, auth: AuthDir, admin: Client_, registry: Any
+) -> None:
+    """A forged lease would make every registry stand by (nobody projects or sweeps);
+    a dropped one would start a second active registry."""
+    await eventually(lambda: registry.active, timeout=10.0)
+    lease_stream, key = f"KV_{protocol.LEASE_BUCKET}", f"$KV.{protocol.LEASE_BUCKET}.{protocol.LEASE_KEY}"
+    held = await admin.js.get_last_msg(lease_stream, key)
+    forged = {"holder": "evil", "epoch": 1, "since": "2026-01-01T00:00:00Z", "ttl_s": 60}
+    for who in (creds(auth, "agent", "w1"), creds(auth, "router", "r1"), creds(auth, "operator", "o1")):
+        c = await connect_as(secured.url, who)
+        try:
+            assert await refused_publish(c, key, forged), who.stem
+            for call in (f"STREAM.PURGE.{lease_stream}", f"STREAM.DELETE.{lease_stream}",
+                         f"STREAM.MSG.DELETE.{lease_stream}"):  # fmt: skip
+                assert await js_api_refused(c, call, {"seq": held.seq}), (who.stem, call)
+        finally:
+            await c.nc.close()
+    now = await admin.js.get_last_msg(lease_stream, key)
+    assert json.loads(now.data or b"{}")["holder"] == registry.lease()["instance"]
+    assert registry.active and registry.counters()["terms"] == 1  # never lost it
+
+
+@bounded(60)
 async def test_an_agent_with_its_credentials_registers_and_beats(
     secured: NatsServer, auth: AuthDir, registry: Any
 ) -> None:
