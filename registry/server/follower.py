@@ -11,6 +11,7 @@ stalls and is recreated).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Mapping
 
 import msgspec
@@ -19,12 +20,15 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js import api
 
+from registry.cancel import raise_if_cancelled
 from registry.catalog import Catalog
 from registry.lastvalues import is_deleted
 from registry.protocol import WORKER_INFO_DECODER, WorkerInfo
 from registry.server.provision import DEFAULT_NAMES, Names
 
 log = structlog.get_logger("registry.follower")
+
+RETRY_S = 1.0
 
 
 class Follower:
@@ -40,17 +44,27 @@ class Follower:
         return self.catalog.records
 
     async def run(self) -> None:
-        """Follow the bucket until cancelled (starting from an empty view)."""
-        self.catalog.reset(())
-        sub = await self.nc.jetstream().subscribe(
-            f"{self.prefix}>", stream=self.names.kv_stream, ordered_consumer=True, cb=self._take,
-            deliver_policy=api.DeliverPolicy.LAST_PER_SUBJECT, idle_heartbeat=1.0,
-            pending_msgs_limit=-1, pending_bytes_limit=-1,
-        )  # fmt: skip
-        try:
-            await asyncio.Event().wait()
-        finally:
-            await sub.unsubscribe()
+        """Follow the bucket until cancelled (starting from an empty view). The ordered
+        consumer recovers from gaps and reconnects by itself; one that cannot be made
+        (no stream leader yet, say) is tried again every second."""
+        while True:
+            self.catalog.reset(())
+            try:
+                sub = await self.nc.jetstream().subscribe(
+                    f"{self.prefix}>", stream=self.names.kv_stream, ordered_consumer=True,
+                    cb=self._take, deliver_policy=api.DeliverPolicy.LAST_PER_SUBJECT,
+                    idle_heartbeat=1.0, pending_msgs_limit=-1, pending_bytes_limit=-1,
+                )  # fmt: skip
+            except Exception as e:  # noqa: BLE001 - a standby keeps trying
+                raise_if_cancelled()
+                log.warning("follower_retrying", error=f"{type(e).__name__}: {e}")
+                await asyncio.sleep(RETRY_S)
+                continue
+            try:
+                await asyncio.Event().wait()
+            finally:
+                with contextlib.suppress(Exception):
+                    await sub.unsubscribe()
 
     async def _take(self, msg: Msg) -> None:
         key = msg.subject[len(self.prefix) :]
