@@ -61,6 +61,7 @@ class Follower:
                 await asyncio.sleep(RETRY_S)
                 continue
             try:
+                raise_if_cancelled()  # a stop that nats-py's subscribe swallowed
                 await asyncio.Event().wait()
             finally:
                 with contextlib.suppress(Exception):
