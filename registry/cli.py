@@ -48,6 +48,10 @@ def add_up(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                    help="heartbeat intervals missed before expiry (default 3)")
     p.add_argument("--late-factor", type=float, default=_env_float("REGISTRY_LATE_FACTOR", 1.5),
                    help="intervals missed before a worker is announced late (default 1.5; 0 off)")
+    p.add_argument("--outage-grace", type=float,
+                   default=_env_float("REGISTRY_OUTAGE_GRACE_S", 10.0),
+                   help="after an outage (no answer from the stream, a reconnect), seconds "
+                        "before anyone not seen beating is judged (default 10)")
     p.add_argument("--brake-fraction", type=float,
                    default=_env_float("REGISTRY_BRAKE_FRACTION", 0.5),
                    help="hold expiries when more than this share of the fleet goes silent "
@@ -81,6 +85,7 @@ def settings_from(args: argparse.Namespace) -> RegistrySettings:
         server_config=server_config,
         timeout_floor_s=args.timeout_floor, timeout_factor=args.timeout_factor,
         late_factor=args.late_factor, brake_fraction=args.brake_fraction,
+        outage_grace_s=args.outage_grace,
         retention_s=args.retention, replicas=args.replicas, auth=auth_from_args(args),
         instance=args.instance, lease_ttl_s=args.lease_ttl,
     )  # fmt: skip

@@ -68,6 +68,13 @@ class DeadlineHeap:
         """The last heartbeat of the worker's pending deadline; None if it has none."""
         return self._current.get(worker_id)
 
+    def at(self, worker_id: str) -> float | None:
+        """When the worker's pending deadline falls due (a scan: for diagnostics)."""
+        last = self._current.get(worker_id)
+        if last is None:
+            return None
+        return min(at for at, wid, lh in self._heap if wid == worker_id and lh == last)
+
     def next_at(self) -> float | None:
         while self._heap and not self._valid(self._heap[0]):
             heapq.heappop(self._heap)

@@ -58,6 +58,7 @@ class Registry:
         self.projector.on_premature = self.sweeper.rejudge
         self.keeper = LeaseKeeper(nc, settings.instance or instance_name(), settings.lease_ttl_s)
         self.link.fence = self.keeper.fence
+        self.keeper.on_failure = self.link.trouble  # a takeover after an outage: outage grace
         self.follower = Follower(nc)
         self._following: asyncio.Task[None] | None = None
         self._projected = False  # the projector has loaded the bucket in this term

@@ -28,6 +28,7 @@ import contextlib
 import os
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Final
@@ -97,6 +98,7 @@ class LeaseKeeper:
         self._revision = 0  # our last write
         self._valid_until = 0.0  # monotonic
         self._changed = asyncio.Event()
+        self.on_failure: Callable[[], None] = lambda: None  # a request got no answer
 
     # ------------------------------------------------------------ state
 
@@ -146,6 +148,7 @@ class LeaseKeeper:
             except Exception as e:  # noqa: BLE001 - no answer (election, reconnect): try again
                 raise_if_cancelled()
                 log.debug("lease_request_failed", error=f"{type(e).__name__}: {e}")
+                self.on_failure()
             if was_held and not self.held:
                 log.warning("lease_lapsed", epoch=self.epoch, holder=self.holder)
                 self._changed.set()

@@ -11,7 +11,13 @@ sweeper all act on:
   once, by itself: nobody has to remember to clear a flag, and a projector that
   catches up on the strength of an older epoch's batch is not believed.
 
-and a third, for the active/standby lease (registry.server.lease): `fence()`,
+a third: trouble. A stream that did not answer (a leader election), a verdict
+that could not be stored, or a reconnect means workers could not beat either
+for a while; the sweeper's next grace is then long enough for them to
+reconnect and retry (`outage_grace_s`), not one timeout. `take_trouble()`
+says whether there was any since it was last asked.
+
+and a fourth, for the active/standby lease (registry.server.lease): `fence()`,
 called before every write this process makes to the streams and the bucket,
 raises LeaseLost once the lease is not held (a no-op when nobody set one).
 """
@@ -32,6 +38,8 @@ class Link:
         self.nc = nc
         self._caught_up_in: int | None = None
         self._changed = asyncio.Event()
+        self._trouble = False
+        self._calm_epoch = self.epoch
         self.fence: Callable[[], None] = lambda: None  # raises when this process may not write
 
     @property
@@ -55,6 +63,16 @@ class Link:
     def fell_behind(self) -> None:
         """The projector is reloading: nobody is judged until it has caught up again."""
         self._caught_up_in = None
+
+    def trouble(self) -> None:
+        """Something failed to reach the streams: nobody could beat meanwhile either."""
+        self._trouble = True
+
+    def take_trouble(self) -> bool:
+        """Trouble or a reconnect since the last call (which clears it)."""
+        troubled = self._trouble or self.epoch != self._calm_epoch
+        self._trouble, self._calm_epoch = False, self.epoch
+        return troubled
 
     @property
     def is_caught_up(self) -> bool:

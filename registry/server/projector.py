@@ -155,6 +155,7 @@ class Projector:
         self._clashes_logged: set[tuple[str, str]] = set()
         self._counted_through = 0
         self._clock_read_at = 0.0  # monotonic
+        self._step = "start"  # of a resync, for the log when it fails
 
     # ------------------------------------------------------------ views
 
@@ -176,18 +177,23 @@ class Projector:
                 await self.pipeline.stop()
 
     async def _run(self) -> None:
-        backoff = 0.1
+        backoff, patience = 0.1, provision.API_TIMEOUT_S
         while True:
             try:
-                await self._sync()
-                backoff = 0.1
+                with provision.patience(patience):  # longer after each failed resync
+                    await self._sync()
+                backoff, patience = 0.1, provision.API_TIMEOUT_S
                 await self._consume()
             except (asyncio.CancelledError, LeaseLost):
                 raise
             except Exception as e:  # noqa: BLE001 - every fault here is retried
                 raise_if_cancelled()  # nats-py turns some cancellations into errors
+                if not isinstance(e, ResyncNeeded):
+                    self.link.trouble()  # no answer: workers could not reach the stream either
                 self.counters.resyncs += 1
-                log.warning("projector_resync", error=f"{type(e).__name__}: {e}", retry_in_s=backoff)
+                patience = min(patience * 2, provision.MAX_PATIENCE_S)
+                log.warning("projector_resync", error=f"{type(e).__name__}: {e}", step=self._step,
+                            retry_in_s=backoff, api_timeout_s=patience)  # fmt: skip
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 1.0)  # resume soon after the stream answers
 
@@ -195,14 +201,20 @@ class Projector:
         self.link.fell_behind()
         self._epoch = self.link.epoch
         self.link.fence()  # only the active registry recreates the consumer
+        self._step = "provision"
         await provision.provision(self.nc, self.names, self.settings.replicas)  # a lost store
+        self._step = "load bucket"
         self.entries, self.tombstones = await self.bucket.load_all(share=self.parts)
+        self._step = "check stream origin"
         await self._forget_another_streams_records()
         self.catalog.reset(e.record for e in self.entries.values())
+        self._step = "read checkpoint"
         floor = await provision.consumer_ack_floor(self.nc, self.names)
         start = floor + 1 if floor and self.entries else 1
         self.link.fence()
+        self._step = "recreate consumer"
         await provision.reset_consumer(self.nc, self.names, start)
+        self._step = "fold"
         self.on_reset(self.records())
         log.info("projector_started", workers=len(self.entries), from_seq=start)
 

@@ -6,7 +6,10 @@ JetStream API as they are, so the CLI and the registry cannot drift apart.
 
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import Iterator
+from contextvars import ContextVar
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -24,6 +27,23 @@ STREAM_FILES = (
 CONSUMER_FILE = "consumers/registry-projector.json"
 STREAM_EXISTS = 10058
 API_TIMEOUT_S = 1.0  # short: a request lost in a restart or an election is asked again
+MAX_PATIENCE_S = 10.0
+_patience: ContextVar[float] = ContextVar("api_timeout_s", default=API_TIMEOUT_S)
+
+
+@contextlib.contextmanager
+def patience(timeout_s: float) -> Iterator[None]:
+    """JetStream API requests made within (by this task) wait up to `timeout_s`.
+
+    A request that timed out is not undone: a consumer being created on a
+    cluster that lost a node takes seconds to elect its leader, and asking
+    again at once (delete, create) starts that over, for as long as the asker
+    keeps its short timeout. Whoever retries waits longer each time."""
+    token = _patience.set(timeout_s)
+    try:
+        yield
+    finally:
+        _patience.reset(token)
 
 
 class ProvisionError(RuntimeError):
@@ -77,7 +97,7 @@ def consumer_config(names: Names, start_seq: int) -> dict[str, Any]:
 
 async def api(nc: Client, subject: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
     payload = json.dumps(body).encode() if body is not None else b""
-    msg = await nc.request(f"$JS.API.{subject}", payload, timeout=API_TIMEOUT_S)
+    msg = await nc.request(f"$JS.API.{subject}", payload, timeout=_patience.get())
     result: dict[str, Any] = json.loads(msg.data)
     return result
 

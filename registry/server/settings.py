@@ -26,6 +26,11 @@ class RegistrySettings(BaseModel):
         default=3.0, ge=MIN_TIMEOUT_FACTOR, le=100.0,
         description="the fold refuses expiries that claim less (protocol.MIN_TIMEOUT_FACTOR)",
     )  # fmt: skip
+    outage_grace_s: float = Field(
+        default=10.0, ge=0.0, le=3600.0,
+        description="after an outage (no stream answer, a reconnect), nobody is judged "
+        "for max(this, their timeout) from when the registry reads the stream again",
+    )  # fmt: skip
     late_factor: float = Field(default=1.5, ge=0.0, le=100.0, description="0 disables")
     brake_fraction: float = Field(default=0.5, gt=0.0, le=1.0, description="1 disables")
     brake_min_fleet: int = Field(default=10, ge=1)

@@ -4,7 +4,9 @@ Deadlines live in heaps and the sweeper sleeps until the earliest one, so a
 silent worker is judged within milliseconds of its deadline, not on a polling
 tick. It judges nobody until the projector has caught up, and grants one
 timeout of grace (from the moment it starts judging) to workers it has not
-seen beat since, so a registry restart never kills healthy workers.
+seen beat since, so a registry restart never kills healthy workers. After an
+outage (the stream did not answer, the connection came back) the grace is at
+least `outage_grace_s`: every worker has to reconnect and retry, not just beat.
 
 A worker more than `late_factor` intervals behind is announced late
 (unavailable) first; its next heartbeat makes it available again. When more
@@ -122,7 +124,9 @@ class Sweeper:
         self.heap = DeadlineHeap()
         self.late_heap = DeadlineHeap()
 
-    def _arm(self, record: WorkerInfo, grace_until: float) -> None:
+    def _arm(self, record: WorkerInfo, grace_until: float, grace_s: float = 0.0) -> None:
+        """(Re)arm a live worker's deadlines; `grace_until` > 0: none ends before
+        max(its span, `grace_s`) from then."""
         wid = record.worker_id
         last = record.last_heartbeat.timestamp()
         if self._silent.get(wid, last) != last or not record.live:
@@ -132,12 +136,14 @@ class Sweeper:
             self.late_heap.discard(wid)
             return
         timeout = self.timeout_of(record)
-        self.heap.set(wid, last, deadline(last, timeout, _grace(grace_until, timeout)))
+        grace = _grace(grace_until, max(timeout, grace_s))
+        self.heap.set(wid, last, deadline(last, timeout, grace))
         late = self.late_after(record)
         if late is None or wid in self._silent:
             self.late_heap.discard(wid)
         else:
-            self.late_heap.set(wid, last, deadline(last, late, _grace(grace_until, late)))
+            grace = _grace(grace_until, max(late, grace_s))
+            self.late_heap.set(wid, last, deadline(last, late, grace))
 
     # ------------------------------------------------------------ the loop
 
@@ -167,13 +173,16 @@ class Sweeper:
 
     def _start_grace(self, epoch: int) -> None:
         now = self.clock.now(time.monotonic())
+        outage = self.link.take_trouble()
+        grace_s = self.settings.outage_grace_s if outage else 0.0
         self.judging_in = epoch
         self.heap = DeadlineHeap()
         self.late_heap = DeadlineHeap()
         self._silent.clear()
         for record in self.records().values():
-            self._arm(record, grace_until=now)
-        log.info("sweeper_started", workers=len(self.heap), server_time=now)
+            self._arm(record, grace_until=now, grace_s=grace_s)
+        log.info("sweeper_started", workers=len(self.heap), server_time=now,
+                 after_outage=outage, grace_s=grace_s or "one timeout")  # fmt: skip
 
     async def _sleep_until_due(self) -> None:
         self._wake.clear()
@@ -274,6 +283,7 @@ class Sweeper:
             # grant everyone a timeout from that moment, as after a restart.
             log.warning("sweep_publish_failed", events=len(events), error=str(e),
                         hint="judging again after the projector catches up, with grace")  # fmt: skip
+            self.link.trouble()
             self.link.fell_behind()
             self.reset({})
 
