@@ -76,6 +76,9 @@ def _last_stored(record: WorkerInfo) -> datetime:
     return max(record.last_heartbeat, record.offline_at or record.last_heartbeat)
 
 
+YIELD_EVERY = 512  # events folded between turns of the event loop
+
+
 class ResyncNeeded(Exception):
     """The bucket changed under us, or a write failed: reload and resume."""
 
@@ -292,8 +295,10 @@ class Projector:
 
     async def _process(self, msgs: list[Msg]) -> None:
         batch = _Batch()
-        for msg in msgs:
+        for i, msg in enumerate(msgs, 1):
             self._fold_one(msg, batch)
+            if i % YIELD_EVERY == 0:  # a big batch on a starved CPU: let the lease renew
+                await asyncio.sleep(0)
         await self._write(batch)
         await self._announce(batch)
         await self._flush(batch)
