@@ -65,6 +65,12 @@ def add_up(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--lease-ttl", type=int, default=int(os.environ.get("REGISTRY_LEASE_TTL_S", 3)),
                    help="seconds a silent active registry keeps the lease before a standby "
                         "takes over (default 3)")
+    p.add_argument("--metrics-port", type=int,
+                   default=os.environ.get("REGISTRY_METRICS_PORT") or None,
+                   help="serve Prometheus metrics on http://HOST:PORT/metrics "
+                        "(env REGISTRY_METRICS_PORT; default off; 0 picks a free port)")
+    p.add_argument("--metrics-host", default=os.environ.get("REGISTRY_METRICS_HOST", "127.0.0.1"),
+                   help="address for --metrics-port (env REGISTRY_METRICS_HOST; default 127.0.0.1)")
     p.add_argument("--log-level", default=os.environ.get("LOG_LEVEL", "info"),
                    choices=["debug", "info", "warning", "error"])
     p.add_argument("--secure", action="store_true",
@@ -88,6 +94,7 @@ def settings_from(args: argparse.Namespace) -> RegistrySettings:
         outage_grace_s=args.outage_grace,
         retention_s=args.retention, replicas=args.replicas, auth=auth_from_args(args),
         instance=args.instance, lease_ttl_s=args.lease_ttl,
+        metrics_port=args.metrics_port, metrics_host=args.metrics_host,
     )  # fmt: skip
 
 
@@ -130,13 +137,14 @@ def run_up(args: argparse.Namespace) -> int:
         return 1
     logs.configure(args.log_level)
     from registry.server.app import serve
+    from registry.server.metrics import MetricsError
 
     def ready(url: str) -> None:
         print(url, flush=True)
 
     try:
         return _run_until_signal(serve(settings, on_ready=ready))
-    except (ServerError, ProvisionError) as e:
+    except (ServerError, ProvisionError, MetricsError) as e:
         print(f"registry: {e}", file=sys.stderr)
         return 1
 
