@@ -15,6 +15,7 @@ from typing import Any
 
 import aiohttp
 import nats
+from prometheus_client.parser import text_string_to_metric_families
 
 from registry.trust.authdir import AuthDir
 from tests.conftest import eventually
@@ -232,6 +233,15 @@ async def test_a_secured_gateway_lets_a_worker_speak_only_for_itself(tmp_path: P
         assert await status("POST", beat, one, _beat("w-one")) == 401  # revoked
         async with http.get(f"{url}/api/v1/workers/w-one") as r:
             assert (await r.json())["status"] == "online"  # the refused calls changed nothing
+
+        async with http.get(f"{url}/metrics") as r:  # the gateway's and, beside it, the registry's
+            families = {f.name: f for f in text_string_to_metric_families(await r.text())}
+        refused = [s for s in families["registry_http_requests"].samples
+                   if s.name.endswith("_total") and s.labels["code"] == "401"]  # fmt: skip
+        assert sum(s.value for s in refused) >= 6
+        online = [s for s in families["registry_workers"].samples
+                  if s.labels == {"status": "online", "capability": "gpu"}]  # fmt: skip
+        assert online and online[0].value == 1
 
 
 async def test_open_mode_refuses_to_listen_beyond_loopback(tmp_path: Path) -> None:
