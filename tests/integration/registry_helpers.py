@@ -398,10 +398,15 @@ class RegistryProcess:
         return await asyncio.wait_for(self.proc.wait(), timeout)
 
     async def close(self) -> None:
-        """Best effort: never leave a child behind."""
+        """Best effort: never leave a child behind. SIGTERM first, so that a `registry up`
+        stops the nats-server it embeds (SIGKILL would orphan it), then SIGKILL."""
         if self.proc is not None and self.proc.returncode is None:
-            self.proc.kill()
-            await asyncio.wait_for(self.proc.wait(), 10.0)
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                await asyncio.wait_for(self.proc.wait(), 10.0)
+            except TimeoutError:
+                self.proc.kill()
+                await asyncio.wait_for(self.proc.wait(), 10.0)
 
 
 @contextlib.asynccontextmanager
