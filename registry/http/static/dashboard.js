@@ -106,6 +106,8 @@
     scheduleRender();
   }
 
+  // The list is the truth as of its reading; the feed's changes since the list was asked
+  // for are weighed by version (a record deleted and made again starts at version 1).
   function applyList(list) {
     const seen = new Set();
     for (const r of list) {
@@ -113,7 +115,8 @@
       seen.add(id);
       if (loading.deleted.has(id)) continue;
       const cur = records.get(id);
-      if (!cur || (cur.version || 0) < (r.version || 0)) records.set(id, r);
+      if (loading.touched.has(id) && cur && (cur.version || 0) >= (r.version || 0)) continue;
+      records.set(id, r);
     }
     for (const id of [...records.keys()]) {
       if (!seen.has(id) && !loading.touched.has(id)) records.delete(id); // gone meanwhile
@@ -171,8 +174,12 @@
     }
   }
 
+  // At most one stats request at a time, 300 ms after a change that moves a count; a
+  // change while it is out asks again once it is back.
   let statsInFlight = false;
+  let statsAgain = false;
   function refreshStatsSoon() {
+    if (statsInFlight) statsAgain = true;
     if (statsTimer || statsInFlight) return;
     statsTimer = setTimeout(async () => {
       statsTimer = null;
@@ -181,8 +188,12 @@
         setCounts(await getJSON("/workers/stats"));
       } catch (_) { /* the next health event brings them */ } finally {
         statsInFlight = false;
+        if (statsAgain) {
+          statsAgain = false;
+          refreshStatsSoon();
+        }
       }
-    }, 500);
+    }, 300);
   }
 
   function setHealth(h) {
@@ -193,6 +204,8 @@
     setText("health-status", h.status || "–");
     const a = h.active;
     setText("health-holder", a ? a.holder : "none");
+    $("health-holder").title = a && a.host ? `on ${a.host}, pid ${a.pid}` : "";
+    setText("health-reasons", (h.reasons || []).join("; "));
     setText("health-epoch", a && a.epoch != null ? a.epoch : "–");
     setText("health-since", a && a.since ? `${instant(a.since)} (${age(a.since, Date.now())} ago)` : "–");
     setText("health-lag", h.lag_s == null ? "–" : `${Number(h.lag_s).toFixed(2)} s`);
@@ -374,9 +387,9 @@
         rows.delete(id);
       }
     }
+    const trs = shown.map((r) => rowFor(r, now)); // changed rows are replaced in place
     let at = tbody.firstElementChild;
-    for (const r of shown) {
-      const tr = rowFor(r, now);
+    for (const tr of trs) {
       if (tr === at) at = at.nextElementSibling;
       else tbody.insertBefore(tr, at);
     }
