@@ -445,6 +445,7 @@
       setText("worker-title", `worker ${route.id}`);
       $("worker-record").replaceChildren();
       $("worker-explain").replaceChildren();
+      setText("worker-state", "");
       $("worker-history").tBodies[0].replaceChildren();
       setText("worker-json", "");
       loadWorker(route.id);
@@ -476,6 +477,7 @@
     }
     renderWorkerRecord();
     if (explain.status === "fulfilled") {
+      setText("worker-state", explain.value.state || "");
       $("worker-explain").replaceChildren(...(explain.value.lines || []).map((line) => el("li", {}, line)));
     }
     if (history.status === "fulfilled") {
