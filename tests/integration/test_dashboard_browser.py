@@ -176,7 +176,6 @@ async def _scenario(page: Page, api: Api, nats_url: str, tmp_path: Path) -> None
     await page.wait_for("document.getElementById('feed-state').dataset.state === 'live'", 10.0)
     await page.wait_for("document.getElementById('health').dataset.status === 'ok'", 10.0)
     assert await page.evaluate("document.getElementById('health-holder').textContent") != "none"
-    await screenshot(page, tmp_path, "fleet", docs=True)
 
     nc = await nats.connect(nats_url)
     try:
@@ -235,6 +234,7 @@ async def _scenario(page: Page, api: Api, nats_url: str, tmp_path: Path) -> None
 
     await page.evaluate("location.hash = '#/'")
     await page.wait_for(f"{ROW_IDS}.length === {FLEET}", 10.0, "back to the fleet")
+    await screenshot(page, tmp_path, "fleet", docs=True)  # the fleet has run a while: some load
     assert await page.evaluate("window.__loadedOnce") == "yes", "the page reloaded"
     lists = await page.evaluate(
         "performance.getEntriesByType('resource').filter(e => e.name.includes('/workers?')).length"
