@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import ctypes
 import itertools
 import json
 import os
@@ -24,9 +25,19 @@ from typing import Any
 
 import aiohttp
 
+PR_SET_PDEATHSIG = 1
+
 
 class BrowserError(Exception):
     """The browser did not start, or a DevTools call failed."""
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: SIGKILL when the test process dies, even by kill -9
+    (Linux; elsewhere nothing: the `finally` below is all there is)."""
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 def find_chromium() -> str | None:
@@ -181,7 +192,7 @@ async def chromium(
     with open(log_path, "wb") as log:  # noqa: ASYNC230 - a local file, at once
         proc = await asyncio.create_subprocess_exec(
             *args, stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=log,
-            start_new_session=True,
+            start_new_session=True, preexec_fn=_die_with_parent,
         )  # fmt: skip
     page: Page | None = None
     try:
