@@ -66,6 +66,12 @@ def add_up(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--lease-ttl", type=int, default=int(os.environ.get("REGISTRY_LEASE_TTL_S", 3)),
                    help="seconds a silent active registry keeps the lease before a standby "
                         "takes over (default 3)")
+    p.add_argument("--metrics-port", type=int,
+                   default=os.environ.get("REGISTRY_METRICS_PORT") or None,
+                   help="serve Prometheus metrics on http://HOST:PORT/metrics "
+                        "(env REGISTRY_METRICS_PORT; default off; 0 picks a free port)")
+    p.add_argument("--metrics-host", default=os.environ.get("REGISTRY_METRICS_HOST", "127.0.0.1"),
+                   help="address for --metrics-port (env REGISTRY_METRICS_HOST; default 127.0.0.1)")
     p.add_argument("--log-level", default=os.environ.get("LOG_LEVEL", "info"),
                    choices=["debug", "info", "warning", "error"])
     p.add_argument("--secure", action="store_true",
@@ -151,6 +157,7 @@ def settings_from(args: argparse.Namespace) -> RegistrySettings:
         outage_grace_s=args.outage_grace,
         retention_s=args.retention, replicas=args.replicas, auth=auth_from_args(args),
         instance=args.instance, lease_ttl_s=args.lease_ttl,
+        metrics_port=args.metrics_port, metrics_host=args.metrics_host,
     )  # fmt: skip
 
 
@@ -195,14 +202,16 @@ def run_up(args: argparse.Namespace) -> int:
         print(f"registry: --http-port {args.http_port} is not a port", file=sys.stderr)
         return 2
     logs.configure(args.log_level)
+    from registry.server.metrics import MetricsError
+
     try:
         return _run_until_signal(_up(settings, args))
-    except (ServerError, ProvisionError) as e:
+    except (ServerError, ProvisionError, MetricsError) as e:
         print(f"registry: {e}", file=sys.stderr)
         return 1
     except BaseExceptionGroup as group:  # the registry and the gateway ran side by side
         first = group.exceptions[0]
-        if isinstance(first, (ServerError, ProvisionError, OSError, SystemExit)):
+        if isinstance(first, (ServerError, ProvisionError, MetricsError, OSError, SystemExit)):
             print(f"registry: {first}", file=sys.stderr)  # the HTTP port taken, say
             return 1
         raise
@@ -211,7 +220,7 @@ def run_up(args: argparse.Namespace) -> int:
 async def _up(settings: RegistrySettings, args: argparse.Namespace) -> None:
     """The registry; with --http-port, the gateway beside it once the registry is up.
     Prints the NATS URL, then (with --http-port) the HTTP one."""
-    from registry.server.app import serve
+    from registry.server.app import Registry, serve
 
     nats_url: asyncio.Future[str] = asyncio.get_running_loop().create_future()
 
@@ -225,8 +234,12 @@ async def _up(settings: RegistrySettings, args: argparse.Namespace) -> None:
         return
     from registry.http.serve import HttpSettings, serve_http
 
+    from registry.server.metrics import collector_registry
+
+    started: asyncio.Future[Registry] = asyncio.get_running_loop().create_future()
     async with asyncio.TaskGroup() as tg:
-        tg.create_task(serve(settings, on_ready=ready), name="registry")
+        tg.create_task(serve(settings, on_ready=ready, on_started=started.set_result),
+                       name="registry")  # fmt: skip
         url = await nats_url
         secured = args.auth_dir if getattr(args, "secure", False) else None
         auth = settings.auth
@@ -234,7 +247,9 @@ async def _up(settings: RegistrySettings, args: argparse.Namespace) -> None:
             auth = dataclasses.replace(auth, creds=str(Path(secured) / "admin.creds"))
         http = HttpSettings(nats_url=url, host=args.http_host, port=args.http_port, auth=auth,
                             auth_dir=Path(secured) if secured else None)  # fmt: skip
-        tg.create_task(serve_http(http, on_ready=lambda u: print(u, flush=True)), name="http")
+        metrics = collector_registry(await started)  # the gateway's /metrics shows them too
+        tg.create_task(serve_http(http, on_ready=lambda u: print(u, flush=True),
+                                  extra_metrics=metrics), name="http")  # fmt: skip
 
 
 def _run_until_signal(coro: Coroutine[Any, Any, None]) -> int:

@@ -16,9 +16,11 @@ from typing import Annotated, Any, TypeVar
 
 import msgspec
 from fastapi import FastAPI, Path, Query, Request
-from fastapi.responses import FileResponse, Response, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from pydantic import StringConstraints
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from registry.http import auth as httpauth
 from registry.http.gateway import Gateway, NotFound, Unavailable
@@ -34,9 +36,10 @@ from registry.http.models import (
 from registry.protocol import WorkerCapability, WorkerStatus
 from registry.query import Filter, QueryError, matches, parse_tags, rank
 
-MAX_BODY = 64 * 1024
+MAX_BODY = 1024 * 1024  # NATS's max_payload: nothing bigger could be published
 HEALTH_EVERY_S = 2.0
 WORKER_ID = Annotated[str, Path(pattern=r"^[A-Za-z0-9_-]{1,128}$", max_length=128)]
+TagPair = Annotated[str, StringConstraints(pattern=r"^[^=]+=", max_length=512)]
 T = TypeVar("T")
 
 
@@ -81,12 +84,26 @@ async def _decode(request: Request, kind: type[T]) -> T:
     if len(body) > MAX_BODY:
         raise ApiError(413, f"body of {len(body)} bytes exceeds {MAX_BODY}")
     try:
-        return msgspec.json.decode(body, type=kind)
+        try:
+            return msgspec.json.decode(body, type=kind)
+        except msgspec.ValidationError:  # 1.0 is an integer in JSON Schema: try once more
+            return msgspec.convert(_integral(msgspec.json.decode(body)), type=kind)
     except msgspec.ValidationError as e:
         loc, msg = error_location(str(e))
         raise ApiError(422, [{"loc": ["body", *loc], "msg": msg, "type": "value_error"}]) from None
     except msgspec.DecodeError as e:
         raise ApiError(422, [{"loc": ["body"], "msg": f"not JSON: {e}", "type": "json_invalid"}]) from None
+
+
+def _integral(value: Any) -> Any:
+    """Floats without a fraction as ints, all the way down (what JSON Schema calls integers)."""
+    if isinstance(value, float) and value.is_integer() and abs(value) < 2**63:
+        return int(value)
+    if isinstance(value, dict):
+        return {k: _integral(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_integral(v) for v in value]
+    return value
 
 
 def create_app(gateway: Gateway, *, guard: httpauth.Guard | None = None,
@@ -104,6 +121,13 @@ def create_app(gateway: Gateway, *, guard: httpauth.Guard | None = None,
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, e: ApiError) -> Response:
         return _json({"detail": e.detail}, e.status)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, e: StarletteHTTPException) -> Response:
+        headers = dict(e.headers or {})
+        if e.status_code == 405:  # Starlette names the methods of the first route that matched
+            headers["Allow"] = ", ".join(sorted(_methods_at(app, request.url.path)))
+        return JSONResponse({"detail": e.detail}, e.status_code, headers=headers)
 
     @app.exception_handler(NotFound)
     async def _not_found(request: Request, e: NotFound) -> Response:
@@ -140,7 +164,12 @@ def create_app(gateway: Gateway, *, guard: httpauth.Guard | None = None,
         if req.worker_id != worker_id:
             raise ApiError(400, f"worker id mismatch: path {worker_id!r}, body {req.worker_id!r}")
         guard.check_worker(worker_id, request.headers.get("authorization"))
-        await gateway.heartbeat(worker_id, req.status, req.metrics, req.timestamp)
+        try:
+            sent_at = req.sent_at()
+        except ValueError:
+            raise ApiError(422, [{"loc": ["body", "timestamp"], "type": "value_error",
+                                  "msg": "not an RFC 3339 date and time"}]) from None  # fmt: skip
+        await gateway.heartbeat(worker_id, req.status, req.metrics, sent_at)
         return _json(Answer(success=True, message="heartbeat stored"))
 
     @app.delete("/api/v1/workers/{worker_id}", tags=["workers"],
@@ -156,7 +185,7 @@ def create_app(gateway: Gateway, *, guard: httpauth.Guard | None = None,
     async def list_workers(
         capability: WorkerCapability | None = None, status: WorkerStatus | None = None,
         content_type: Annotated[str | None, Query(max_length=64)] = None,
-        tag: Annotated[list[str] | None, Query(description="key=value, repeatable")] = None,
+        tag: Annotated[list[TagPair] | None, Query(description="key=value, repeatable")] = None,
         available: bool | None = None,
         include_offline: bool = Query(False, description="offline records too"),
     ) -> Response:
@@ -236,6 +265,18 @@ def create_app(gateway: Gateway, *, guard: httpauth.Guard | None = None,
     _openapi(app)
     app.add_middleware(CountRequests, metrics=metrics)
     return app
+
+
+def _methods_at(app: FastAPI, path: str) -> set[str]:
+    """Every method some route serves at this path (for a 405's Allow header)."""
+    literal: set[str] = set()  # /api/v1/workers/stats is not worker "stats"
+    templated: set[str] = set()
+    for route in app.routes:
+        regex = getattr(route, "path_regex", None)
+        if regex is not None and regex.match(path):
+            into = templated if "{" in getattr(route, "path", "") else literal
+            into |= set(getattr(route, "methods", None) or ())
+    return literal or templated
 
 
 async def _feed(gateway: Gateway, request: Request) -> AsyncIterator[bytes]:

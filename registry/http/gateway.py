@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -44,7 +44,7 @@ log = structlog.get_logger("registry.http")
 
 PUBLISH_ATTEMPT_S = 2.0
 PUBLISH_BUDGET_S = 5.0  # a stream leader election takes 4-7 s: then 503, and the client retries
-SEEN_WITHIN_S = 2.0  # a registration is answered once the bucket shows it (or after this)
+SEEN_WITHIN_S = 2.0  # a (un)registration is answered once the bucket shows it, or after this
 STATS_TIMEOUT_S = 1.0
 LAGGING_S = 5.0  # the projector further behind than this: health "degraded"
 FEED_QUEUE = 10_000  # changes a live-feed client may fall behind by before it is cut off
@@ -166,14 +166,12 @@ class Gateway:
         )  # fmt: skip
         await self._publish("register", event)
         self._incarnations[wid] = incarnation
-        await self._until_seen(wid, incarnation)
+        await self._until(wid, lambda r: r is not None and r.incarnation == incarnation)
         return wid
 
     async def heartbeat(self, worker_id: str, status: WorkerStatus, metrics: WorkerMetrics,
                         timestamp: datetime | None) -> None:  # fmt: skip
         sent_at = timestamp or datetime.now(UTC)
-        if sent_at.tzinfo is None:  # the original plan's client sends datetime.utcnow()
-            sent_at = sent_at.replace(tzinfo=UTC)
         event = HeartbeatEvent(worker_id=worker_id, incarnation=self._incarnation(worker_id),
                                sent_at=sent_at, status=status, metrics=metrics)  # fmt: skip
         await self._publish("heartbeat", event)
@@ -183,6 +181,7 @@ class Gateway:
                                 sent_at=datetime.now(UTC), reason="unregistered over HTTP")  # fmt: skip
         await self._publish("unregister", event)
         self._incarnations.pop(worker_id, None)
+        await self._until(worker_id, lambda r: r is None or not r.live)
 
     def _incarnation(self, worker_id: str) -> str:
         """The incarnation this worker's events carry: its live record's; else the one
@@ -203,13 +202,12 @@ class Gateway:
         if not stored:
             raise Unavailable(f"the event stream did not store the {kind} in time; retry")
 
-    async def _until_seen(self, worker_id: str, incarnation: str) -> None:
+    async def _until(self, worker_id: str, folded: Callable[[WorkerInfo | None], bool]) -> None:
+        """Until the bucket shows the change (read-your-writes for whoever asks next), or
+        SEEN_WITHIN_S: it is stored either way, and will be folded."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + SEEN_WITHIN_S
-        while loop.time() < deadline:
-            record = self.record(worker_id)
-            if record is not None and record.incarnation == incarnation:
-                return
+        while loop.time() < deadline and not folded(self.record(worker_id)):
             await asyncio.sleep(0.01)
 
     # ------------------------------------------------------------ the live feed

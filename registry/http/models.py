@@ -8,8 +8,8 @@ registry folds, and the OpenAPI schema is generated from the same types.
 from __future__ import annotations
 
 import re
-from datetime import datetime
-from typing import Any
+from datetime import UTC, datetime
+from typing import Annotated, Any
 
 import msgspec
 
@@ -36,7 +36,19 @@ class HeartbeatRequest(msgspec.Struct, kw_only=True):
     worker_id: WorkerId
     status: WorkerStatus
     metrics: WorkerMetrics
-    timestamp: datetime | None = None
+    timestamp: Annotated[str, msgspec.Meta(min_length=1, max_length=64, extra_json_schema={
+        "format": "date-time",
+        "description": "when the worker sent it, RFC 3339 (informational: liveness uses the "
+        "time the stream stored the heartbeat); absent: the gateway's time",
+    })] | None = None  # fmt: skip
+
+    def sent_at(self) -> datetime | None:
+        """The timestamp as an aware datetime (naive ones are UTC), or None; ValueError if
+        it is not a date and time."""
+        if self.timestamp is None:
+            return None
+        at = datetime.fromisoformat(self.timestamp)
+        return at.replace(tzinfo=UTC) if at.tzinfo is None else at
 
 
 class Answer(msgspec.Struct, kw_only=True, omit_defaults=True):

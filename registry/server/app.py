@@ -17,6 +17,7 @@ from registry.server.embedded import NatsServer
 from registry.server.follower import Follower
 from registry.server.lease import LeaseKeeper, LeaseLost, instance_name
 from registry.server.link import Link
+from registry.server.metrics import Latencies, registry_metrics
 from registry.server.projector import Projector
 from registry.server.provision import provision
 from registry.server.service import ServiceClient, start_service
@@ -46,13 +47,17 @@ async def nats_endpoint(settings: RegistrySettings) -> AsyncIterator[str]:
 class Registry:
     """One registry process: active (projector + sweeper) while it holds the lease, a
     standby following the bucket otherwise. `records()`, `catalog()`, `counters()` and
-    `lease()` feed the service, from whichever of the two is current."""
+    `lease()` feed the service and the metrics, from whichever of the two is current."""
 
     def __init__(self, nc: Client, settings: RegistrySettings) -> None:
         self.clock = ServerClock()
         self.link = Link(nc)
-        self.projector = Projector(self.link, settings, self.clock)
-        self.sweeper = Sweeper(self.link, settings, self.clock, self.projector.records)
+        self.latencies = Latencies()  # histograms; the other metrics are read when scraped
+        self.metrics_port: int | None = None  # where /metrics is served, if it is
+        self.projector = Projector(self.link, settings, self.clock,
+                                   on_written=self.latencies.event_to_bucket.observe)  # fmt: skip
+        self.sweeper = Sweeper(self.link, settings, self.clock, self.projector.records,
+                               on_detected=self.latencies.detection.observe)  # fmt: skip
         self.projector.on_change = self.sweeper.observe
         self.projector.on_reset = self._projector_reset
         self.projector.on_premature = self.sweeper.rejudge
@@ -177,11 +182,12 @@ async def serve(
                 )  # fmt: skip
                 service = await start_service(service_nc, registry)
             try:
-                raise_if_cancelled()  # a stop that raced a provisioning reply
-                on_started(registry)
-                on_ready(url)
-                log.info("registry_running", url=url)
-                await registry.run()
+                async with registry_metrics(registry, settings.metrics_host, settings.metrics_port):
+                    raise_if_cancelled()  # a stop that raced a provisioning reply
+                    on_started(registry)
+                    on_ready(url)
+                    log.info("registry_running", url=url)
+                    await registry.run()
             finally:
                 if service is not None:
                     with contextlib.suppress(Exception):

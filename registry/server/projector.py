@@ -37,6 +37,8 @@ from registry.fold import (
     routing_key,
 )
 from registry.protocol import (
+    EVENT_KIND,
+    EVENT_TYPES,
     BadEvent,
     Control,
     Event,
@@ -76,6 +78,9 @@ def _last_stored(record: WorkerInfo) -> datetime:
     return max(record.last_heartbeat, record.offline_at or record.last_heartbeat)
 
 
+YIELD_EVERY = 512  # events folded between turns of the event loop
+
+
 class ResyncNeeded(Exception):
     """The bucket changed under us, or a write failed: reload and resume."""
 
@@ -97,6 +102,28 @@ class Counters:
     last_seq: int = 0
     pending: int = 0
     lag_s: float = 0.0
+
+
+def _per_kind() -> dict[str, int]:
+    return dict.fromkeys(EVENT_TYPES, 0)
+
+
+@dataclass
+class KindCounts:
+    """The fresh events of Counters again, per kind (`register`, `heartbeat`, ...): for
+    metrics. Rejected ones per (kind, reason code); a kind the subject does not name
+    is `unknown`."""
+
+    applied: dict[str, int] = field(default_factory=_per_kind)
+    duplicate: dict[str, int] = field(default_factory=_per_kind)
+    ignored: dict[str, int] = field(default_factory=_per_kind)
+    unregistered: dict[str, int] = field(default_factory=_per_kind)
+    rejected: dict[tuple[str, str], int] = field(default_factory=dict)
+
+
+def _subject_kind(subject: str) -> str:
+    kind = subject.split(".", 2)[1] if subject.count(".") >= 2 else ""
+    return kind if kind in EVENT_TYPES else "unknown"
 
 
 class RecordsView(Mapping[str, WorkerInfo]):
@@ -121,6 +148,7 @@ class _Batch:
     announce: set[str] = field(default_factory=set)
     dirty: set[str] = field(default_factory=set)
     controls: dict[str, Control] = field(default_factory=dict)
+    stored: dict[str, float] = field(default_factory=dict)  # the oldest event staged per worker
 
 
 class Projector:
@@ -133,6 +161,7 @@ class Projector:
         on_change: Callable[[WorkerInfo], None] = lambda r: None,
         on_reset: Callable[[Mapping[str, WorkerInfo]], None] = lambda r: None,
         on_premature: Callable[[WorkerInfo, bool], None] = lambda r, late: None,
+        on_written: Callable[[float], None] = lambda latency_s: None,
     ) -> None:
         self.link = link
         self.nc = nc = link.nc
@@ -147,10 +176,12 @@ class Projector:
         self.catalog = Catalog()  # the records again, indexed for the query service
         self.tombstones: dict[str, int] = {}
         self.counters = Counters()
+        self.kinds = KindCounts()
         self._epoch = link.epoch  # the epoch this projector last synced in
         self.on_change = on_change
         self.on_reset = on_reset
         self.on_premature = on_premature  # (record, late): a verdict was refused as premature
+        self.on_written = on_written  # seconds from an event's stored time to its write's ack
         self._last_control: dict[tuple[str, str, str], float] = {}
         self._clashes_logged: set[tuple[str, str]] = set()
         self._counted_through = 0
@@ -292,8 +323,10 @@ class Projector:
 
     async def _process(self, msgs: list[Msg]) -> None:
         batch = _Batch()
-        for msg in msgs:
+        for i, msg in enumerate(msgs, 1):
             self._fold_one(msg, batch)
+            if i % YIELD_EVERY == 0:  # a big batch on a starved CPU: let the lease renew
+                await asyncio.sleep(0)
         await self._write(batch)
         await self._announce(batch)
         await self._flush(batch)
@@ -326,12 +359,14 @@ class Projector:
     def _reject(self, seq: int, subject: str, code: str, reason: str, fresh: bool) -> None:
         if fresh:
             self.counters.events_rejected += 1
+            key = (_subject_kind(subject), code)
+            self.kinds.rejected[key] = self.kinds.rejected.get(key, 0) + 1
             log.warning("event_rejected", seq=seq, subject=subject, code=code, reason=reason)
 
     def _fold_event(
         self, event: Event, seq: int, stored_at: datetime, batch: _Batch, fresh: bool
     ) -> None:
-        wid = event.worker_id
+        wid, kind = event.worker_id, EVENT_KIND[type(event)]
         if isinstance(event, RegisterEvent):
             event = msgspec.structs.replace(
                 event, registration=self.parts.registration(event.registration)
@@ -345,15 +380,18 @@ class Projector:
                     # a restart (the old process died) or a second process: tell the old one
                     self._supersede(wid, record.incarnation, new.incarnation, stored_at, batch)
                 batch.before.setdefault(wid, routing_key(record))
-                self._stage(wid, new, batch)
+                self._stage(wid, new, batch, stored_at)
                 self.counters.events_applied += fresh
+                self.kinds.applied[kind] += fresh
                 log.debug("event_applied", seq=seq, worker_id=wid, status=str(new.status))
             case Duplicate():
                 self.counters.events_duplicate += fresh
+                self.kinds.duplicate[kind] += fresh
                 if record is not None and seq == record.event_seq:
                     batch.announce.add(wid)  # re-announce what a crash may have cut off
             case Ignored(reason):
                 self.counters.events_ignored += fresh
+                self.kinds.ignored[kind] += fresh
                 log.info("event_ignored", seq=seq, worker_id=wid, reason=reason)
                 if isinstance(outcome, Premature) and record is not None:
                     self.on_premature(record, isinstance(event, LateEvent))
@@ -363,11 +401,13 @@ class Projector:
                                         batch, clash=True)  # fmt: skip
             case Unregistered(reason):
                 self.counters.events_unregistered += fresh
+                self.kinds.unregistered[kind] += fresh
                 log.info("event_unregistered_worker", seq=seq, worker_id=wid, reason=reason)
                 if self._recent(stored_at):
                     batch.controls[wid] = Control(action="register", reason=reason)
 
-    def _stage(self, wid: str, record: WorkerInfo, batch: _Batch) -> None:
+    def _stage(self, wid: str, record: WorkerInfo, batch: _Batch, stored_at: datetime) -> None:
+        batch.stored.setdefault(wid, stored_at.timestamp())
         entry = self.entries.get(wid)
         if entry is None:
             self.entries[wid] = Entry(record, self.tombstones.pop(wid, 0))
@@ -381,14 +421,14 @@ class Projector:
         for wid in batch.dirty:
             entry = self.entries[wid]
             headers = {api.Header.EXPECTED_LAST_SUBJECT_SEQUENCE.value: str(entry.revision)}
-            await self.pipeline.publish(
-                self.bucket.prefix + wid, encode(entry.record), headers, partial(self._stored, entry)
-            )
+            on_ack = partial(self._stored, entry, batch.stored[wid])
+            await self.pipeline.publish(self.bucket.prefix + wid, encode(entry.record), headers, on_ack)
         self.counters.bucket_writes += len(batch.dirty)
 
-    def _stored(self, entry: Entry, revision: int) -> None:
+    def _stored(self, entry: Entry, event_stored_s: float, revision: int) -> None:
         entry.revision = revision
         self.on_change(entry.record)
+        self.on_written(max(0.0, self.clock.now(time.monotonic()) - event_stored_s))
 
     async def _announce(self, batch: _Batch) -> None:
         """Availability for workers whose routing fields changed; written with the batch."""

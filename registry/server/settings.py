@@ -45,6 +45,12 @@ class RegistrySettings(BaseModel):
         default=None, max_length=200, description="this process among registries (None: host-pid)"
     )
     lease_ttl_s: int = Field(default=3, ge=1, le=60, description="active/standby lease, seconds")
+    metrics_port: int | None = Field(
+        default=None, ge=0, le=65535,
+        description="serve Prometheus metrics on http://metrics_host:port/metrics (0: a free "
+        "port; None: off)",
+    )  # fmt: skip
+    metrics_host: str = Field(default="127.0.0.1", min_length=1, max_length=255)
     auth: Auth = Field(default_factory=Auth, description="credentials and TLS files")
 
     @field_validator("nats_url")

@@ -56,6 +56,7 @@ class Sweeper:
         settings: RegistrySettings,
         clock: ServerClock,
         records: Callable[[], Mapping[str, WorkerInfo]],
+        on_detected: Callable[[float], None] = lambda latency_s: None,
     ) -> None:
         self.link = link
         self.settings = settings
@@ -68,6 +69,7 @@ class Sweeper:
         self.lates_published = 0
         self.expiries_held = 0
         self.brake_engaged = False
+        self.on_detected = on_detected  # seconds from a worker's deadline to its expiry stored
         self._recent: deque[float] = deque()
         self._silent: dict[str, float] = {}  # past their late deadline: id -> judged heartbeat
         self._last_hold_log = 0.0
@@ -316,7 +318,10 @@ class Sweeper:
     def _count(self, event: LateEvent | ExpiredEvent, seq: int) -> None:
         if isinstance(event, ExpiredEvent):
             self.expiries_published += 1
-            self._recent.append(self._now())
+            now = self._now()
+            self._recent.append(now)
+            deadline_s = event.last_heartbeat.timestamp() + event.timeout_s
+            self.on_detected(max(0.0, now - deadline_s))
         else:
             self.lates_published += 1
         log.info(f"worker_{_kind(event)}", worker_id=event.worker_id, seq=seq,
