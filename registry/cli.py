@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import os
 import signal
 import sys
@@ -72,8 +73,70 @@ def add_up(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                         "(made on first use); the registry connects as its role")
     p.add_argument("--auth-dir", type=Path, default=Path(os.environ.get("REGISTRY_AUTH_DIR", "./auth")),
                    help="trust material for --secure (env REGISTRY_AUTH_DIR, default ./auth)")
+    p.add_argument("--http-port", type=int, default=_env_int("REGISTRY_HTTP_PORT"),
+                   help="also serve the HTTP API and dashboard on this port (default off)")
+    p.add_argument("--http-host", default=os.environ.get("REGISTRY_HTTP_HOST", "127.0.0.1"),
+                   help="address for --http-port (default 127.0.0.1)")
     add_auth_arguments(p)
     p.set_defaults(run=run_up)
+
+
+def _env_int(name: str) -> int | None:
+    raw = os.environ.get(name)
+    return int(raw) if raw and raw.isdigit() else None
+
+
+def add_http(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("http", help="serve the HTTP API, metrics and dashboard (stateless)")
+    p.add_argument("--nats", default=os.environ.get("NATS_URL", "nats://127.0.0.1:4222"),
+                   help="NATS server or cluster (comma-separated; env NATS_URL)")
+    p.add_argument("--host", default=os.environ.get("REGISTRY_HTTP_HOST", "127.0.0.1"),
+                   help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=_env_int("REGISTRY_HTTP_PORT") or 8080,
+                   help="port (default 8080; 0 picks a free one)")
+    p.add_argument("--auth-dir", type=Path, default=os.environ.get("REGISTRY_AUTH_DIR"),
+                   help="secured: workers' tokens are checked against this trust material")
+    p.add_argument("--allow-open", action="store_true",
+                   help="open mode (no tokens) on an address other than loopback")
+    p.add_argument("--heartbeat-interval", type=float, default=30.0,
+                   help="seconds between an HTTP worker's heartbeats, when its registration "
+                        "does not say (default 30, the original plan's client)")
+    p.add_argument("--log-level", default=os.environ.get("LOG_LEVEL", "info"),
+                   choices=["debug", "info", "warning", "error"])
+    add_auth_arguments(p)
+    p.set_defaults(run=run_http)
+
+
+def run_http(args: argparse.Namespace) -> int:
+    from registry.http.gateway import GatewaySettings
+    from registry.http.serve import HttpSettings, OpenToTheWorld, serve_http
+
+    try:
+        if not 0 <= args.port <= 65535:
+            raise _Usage(f"--port {args.port} is not a port")
+        if not 0 < args.heartbeat_interval <= 3600:
+            raise _Usage("--heartbeat-interval must be above 0 and at most 3600")
+        if args.auth_dir is not None and not Path(args.auth_dir).is_dir():
+            raise _Usage(f"--auth-dir {args.auth_dir}: no such directory")
+        settings = HttpSettings(
+            nats_url=args.nats, host=args.host, port=args.port, auth=auth_from_args(args),
+            auth_dir=Path(args.auth_dir) if args.auth_dir else None, allow_open=args.allow_open,
+            gateway=GatewaySettings(heartbeat_interval_s=args.heartbeat_interval),
+        )  # fmt: skip
+        settings.check()
+    except (AuthError, _Usage, OpenToTheWorld) as e:
+        print(f"registry http: {e}", file=sys.stderr)
+        return 2
+    logs.configure(args.log_level)
+
+    def ready(url: str) -> None:
+        print(url, flush=True)
+
+    try:
+        return _run_until_signal(serve_http(settings, on_ready=ready))
+    except (OSError, SystemExit, TrustError) as e:
+        print(f"registry http: {e}", file=sys.stderr)
+        return 1
 
 
 def settings_from(args: argparse.Namespace) -> RegistrySettings:
@@ -128,17 +191,50 @@ def run_up(args: argparse.Namespace) -> int:
     except TrustError as e:
         print(f"registry: {e}", file=sys.stderr)
         return 1
+    if args.http_port is not None and not 0 <= args.http_port <= 65535:
+        print(f"registry: --http-port {args.http_port} is not a port", file=sys.stderr)
+        return 2
     logs.configure(args.log_level)
-    from registry.server.app import serve
-
-    def ready(url: str) -> None:
-        print(url, flush=True)
-
     try:
-        return _run_until_signal(serve(settings, on_ready=ready))
+        return _run_until_signal(_up(settings, args))
     except (ServerError, ProvisionError) as e:
         print(f"registry: {e}", file=sys.stderr)
         return 1
+    except BaseExceptionGroup as group:  # the registry and the gateway ran side by side
+        first = group.exceptions[0]
+        if isinstance(first, (ServerError, ProvisionError, OSError, SystemExit)):
+            print(f"registry: {first}", file=sys.stderr)  # the HTTP port taken, say
+            return 1
+        raise
+
+
+async def _up(settings: RegistrySettings, args: argparse.Namespace) -> None:
+    """The registry; with --http-port, the gateway beside it once the registry is up.
+    Prints the NATS URL, then (with --http-port) the HTTP one."""
+    from registry.server.app import serve
+
+    nats_url: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+
+    def ready(url: str) -> None:
+        print(url, flush=True)
+        if not nats_url.done():
+            nats_url.set_result(url)
+
+    if args.http_port is None:
+        await serve(settings, on_ready=ready)
+        return
+    from registry.http.serve import HttpSettings, serve_http
+
+    async with asyncio.TaskGroup() as tg:
+        tg.create_task(serve(settings, on_ready=ready), name="registry")
+        url = await nats_url
+        secured = args.auth_dir if getattr(args, "secure", False) else None
+        auth = settings.auth
+        if secured is not None:  # the registry's role may not speak for workers; admin may
+            auth = dataclasses.replace(auth, creds=str(Path(secured) / "admin.creds"))
+        http = HttpSettings(nats_url=url, host=args.http_host, port=args.http_port, auth=auth,
+                            auth_dir=Path(secured) if secured else None)  # fmt: skip
+        tg.create_task(serve_http(http, on_ready=lambda u: print(u, flush=True)), name="http")
 
 
 def _run_until_signal(coro: Coroutine[Any, Any, None]) -> int:
@@ -197,6 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True)
     add_up(sub)
+    add_http(sub)
     add_check(sub)
     add_commands(sub)
     add_auth(sub)

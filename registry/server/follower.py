@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import msgspec
 import structlog
@@ -39,6 +39,9 @@ class Follower:
         self.catalog = Catalog()
         self.values_seen = 0
         self.values_invalid = 0
+        self.loaded = asyncio.Event()  # every key the bucket held when following began
+        self.listeners: set[Callable[[str, WorkerInfo | None], None]] = set()  # told of changes
+        self._loaded_through = 0
 
     def records(self) -> Mapping[str, WorkerInfo]:
         return self.catalog.records
@@ -49,7 +52,12 @@ class Follower:
         (no stream leader yet, say) is tried again every second."""
         while True:
             self.catalog.reset(())
+            self.loaded.clear()
             try:
+                info = await self.nc.jetstream().stream_info(self.names.kv_stream)
+                self._loaded_through = info.state.last_seq
+                if self._loaded_through == 0:
+                    self.loaded.set()
                 sub = await self.nc.jetstream().subscribe(
                     f"{self.prefix}>", stream=self.names.kv_stream, ordered_consumer=True,
                     cb=self._take, deliver_policy=api.DeliverPolicy.LAST_PER_SUBJECT,
@@ -70,8 +78,11 @@ class Follower:
     async def _take(self, msg: Msg) -> None:
         key = msg.subject[len(self.prefix) :]
         self.values_seen += 1
+        if not self.loaded.is_set() and msg.metadata.sequence.stream >= self._loaded_through:
+            self.loaded.set()  # the newest value then is in: so is every older key's last one
         if is_deleted(msg):
             self.catalog.remove(key)
+            self._tell(key, None)
             return
         try:
             record = WORKER_INFO_DECODER.decode(msg.data)
@@ -82,3 +93,8 @@ class Follower:
             self.values_invalid += 1
             return
         self.catalog.put(record)
+        self._tell(key, record)
+
+    def _tell(self, key: str, record: WorkerInfo | None) -> None:
+        for listener in tuple(self.listeners):
+            listener(key, record)

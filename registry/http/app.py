@@ -1,0 +1,288 @@
+"""The original plan's REST API (and what an HTTP user needs beyond it), over the gateway.
+
+Bodies are decoded and encoded with msgspec into the contract's own types
+(registry.http.models), so what is accepted here is what the registry folds; a
+body that does not fit is a 422 naming the field. The OpenAPI document is
+FastAPI's, with the bodies' schemas generated from the same types.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from importlib import resources
+from typing import Annotated, Any, TypeVar
+
+import msgspec
+from fastapi import FastAPI, Path, Query, Request
+from fastapi.responses import FileResponse, Response, StreamingResponse
+from fastapi.staticfiles import StaticFiles
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
+from registry.http import auth as httpauth
+from registry.http.gateway import Gateway, NotFound, Unavailable
+from registry.http.metrics import CountRequests, HttpMetrics
+from registry.http.models import (
+    Answer,
+    HeartbeatRequest,
+    RegisterRequest,
+    error_location,
+    openapi_components,
+    ref,
+)
+from registry.protocol import WorkerCapability, WorkerStatus
+from registry.query import Filter, QueryError, matches, parse_tags, rank
+
+MAX_BODY = 64 * 1024
+HEALTH_EVERY_S = 2.0
+WORKER_ID = Annotated[str, Path(pattern=r"^[A-Za-z0-9_-]{1,128}$", max_length=128)]
+T = TypeVar("T")
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, detail: Any) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.detail = detail
+
+
+def _json(obj: Any, status: int = 200) -> Response:
+    return Response(msgspec.json.encode(obj), status_code=status, media_type="application/json")
+
+
+def _error(status: int, description: str, schema: str = "Error") -> dict[int | str, Any]:
+    return {status: {"description": description,
+                     "content": {"application/json": {"schema": ref(schema)}}}}  # fmt: skip
+
+
+def _answers(schema: str, *errors: dict[int | str, Any]) -> dict[int | str, Any]:
+    out: dict[int | str, Any] = {
+        200: {"description": "OK", "content": {"application/json": {"schema": ref(schema)}}}
+    }
+    for e in errors:
+        out.update(e)
+    return out
+
+
+def _body(schema: str) -> dict[str, Any]:
+    return {"requestBody": {"required": True,
+                            "content": {"application/json": {"schema": ref(schema)}}}}  # fmt: skip
+
+
+NOT_FOUND = _error(404, "no such worker")
+INVALID = _error(422, "the body or a parameter does not fit the contract", "HTTPValidationError")
+UNAVAILABLE = _error(503, "NATS did not answer in time; nothing changed, retry")
+FORBIDDEN = _error(401, "no valid token for this worker (secured mode)")
+
+
+async def _decode(request: Request, kind: type[T]) -> T:
+    body = await request.body()
+    if len(body) > MAX_BODY:
+        raise ApiError(413, f"body of {len(body)} bytes exceeds {MAX_BODY}")
+    try:
+        return msgspec.json.decode(body, type=kind)
+    except msgspec.ValidationError as e:
+        loc, msg = error_location(str(e))
+        raise ApiError(422, [{"loc": ["body", *loc], "msg": msg, "type": "value_error"}]) from None
+    except msgspec.DecodeError as e:
+        raise ApiError(422, [{"loc": ["body"], "msg": f"not JSON: {e}", "type": "json_invalid"}]) from None
+
+
+def create_app(gateway: Gateway, *, guard: httpauth.Guard | None = None,
+               extra_metrics: CollectorRegistry | None = None) -> FastAPI:  # fmt: skip
+    """The API over a started gateway; `guard` checks tokens (None: open mode);
+    `extra_metrics`: more to serve at /metrics (the registry's own, in `registry up`)."""
+    guard = guard or httpauth.Guard.open()
+    metrics = HttpMetrics(gateway)
+    app = FastAPI(
+        title="worker registry", version="1",
+        description="The original plan's REST API over the event-sourced registry: every "
+        "write is the event an agent publishes, every read the bucket it is folded into.",
+    )  # fmt: skip
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, e: ApiError) -> Response:
+        return _json({"detail": e.detail}, e.status)
+
+    @app.exception_handler(NotFound)
+    async def _not_found(request: Request, e: NotFound) -> Response:
+        return _json({"detail": f"no worker with id {e.args[0]!r}"}, 404)
+
+    @app.exception_handler(Unavailable)
+    async def _unavailable(request: Request, e: Unavailable) -> Response:
+        return _json({"detail": str(e)}, 503)
+
+    @app.exception_handler(httpauth.Refused)
+    async def _refused(request: Request, e: httpauth.Refused) -> Response:
+        return _json({"detail": str(e)}, 401)
+
+    # ------------------------------------------------------------ the original plan's six
+
+    @app.post("/api/v1/workers/register", tags=["workers"], openapi_extra=_body("RegisterRequest"),
+              responses=_answers("Answer", _error(400, "bad request"), FORBIDDEN, INVALID,
+                                 _error(413, "body too large"), UNAVAILABLE))  # fmt: skip
+    async def register(request: Request) -> Response:
+        """Register a worker (an id is generated when the registration has none)."""
+        req = await _decode(request, RegisterRequest)
+        guard.check_register(req.registration.worker_id, req.auth_token)
+        wid = await gateway.register(req.registration, req.heartbeat_interval_s)
+        return _json(Answer(success=True, message="worker registered", worker_id=wid))
+
+    @app.post("/api/v1/workers/{worker_id}/heartbeat", tags=["workers"],
+              openapi_extra=_body("HeartbeatRequest"),
+              responses=_answers("Answer", _error(400, "worker id mismatch"), FORBIDDEN,
+                                 NOT_FOUND, INVALID, _error(413, "body too large"),
+                                 UNAVAILABLE))  # fmt: skip
+    async def heartbeat(worker_id: WORKER_ID, request: Request) -> Response:
+        """A heartbeat: status and metrics. 404 for a worker that is not registered."""
+        req = await _decode(request, HeartbeatRequest)
+        if req.worker_id != worker_id:
+            raise ApiError(400, f"worker id mismatch: path {worker_id!r}, body {req.worker_id!r}")
+        guard.check_worker(worker_id, request.headers.get("authorization"))
+        await gateway.heartbeat(worker_id, req.status, req.metrics, req.timestamp)
+        return _json(Answer(success=True, message="heartbeat stored"))
+
+    @app.delete("/api/v1/workers/{worker_id}", tags=["workers"],
+                responses=_answers("Answer", FORBIDDEN, NOT_FOUND, UNAVAILABLE))  # fmt: skip
+    async def unregister(worker_id: WORKER_ID, request: Request) -> Response:
+        """Unregister a worker: it goes offline at once (and is purged after retention)."""
+        guard.check_worker(worker_id, request.headers.get("authorization"))
+        await gateway.unregister(worker_id)
+        return _json(Answer(success=True, message="worker unregistered"))
+
+    @app.get("/api/v1/workers", tags=["workers"],
+             responses=_answers("WorkerList", _error(400, "bad filter")))  # fmt: skip
+    async def list_workers(
+        capability: WorkerCapability | None = None, status: WorkerStatus | None = None,
+        content_type: Annotated[str | None, Query(max_length=64)] = None,
+        tag: Annotated[list[str] | None, Query(description="key=value, repeatable")] = None,
+        available: bool | None = None,
+        include_offline: bool = Query(False, description="offline records too"),
+    ) -> Response:
+        """Live workers by id (the original plan's list), filtered as `registry workers`."""
+        try:
+            f = Filter(capability=capability, status=status, content_type=content_type,
+                       tags=parse_tags(tag or []), available=available,
+                       include_offline=include_offline)  # fmt: skip
+        except QueryError as e:
+            raise ApiError(400, str(e)) from None
+        return _json([r for r in gateway.records() if matches(r, f)])
+
+    @app.get("/api/v1/workers/stats", tags=["workers"], responses=_answers("Stats"))
+    async def stats() -> Response:
+        """The fleet as the original plan counts it."""
+        return _json(gateway.stats())
+
+    @app.get("/api/v1/workers/available", tags=["workers"], responses=_answers("WorkerList"))
+    async def available(
+        capability: WorkerCapability | None = None,
+        content_type: Annotated[str | None, Query(max_length=64)] = None,
+        limit: Annotated[int, Query(ge=1, le=10_000)] = 100,
+    ) -> Response:
+        """Available workers that can take a job, least loaded first (`get_available_workers`;
+        for `gpu` or `cpu`, hybrid workers count too)."""
+        f = Filter(capability=capability, content_type=content_type, available=True,
+                   for_picking=True)  # fmt: skip
+        return _json(rank(r for r in gateway.records() if matches(r, f))[:limit])
+
+    @app.get("/api/v1/workers/{worker_id}", tags=["workers"],
+             responses=_answers("WorkerInfo", NOT_FOUND))  # fmt: skip
+    async def get_worker(worker_id: WORKER_ID) -> Response:
+        record = gateway.record(worker_id)
+        if record is None:
+            raise NotFound(worker_id)
+        return _json(record)
+
+    # ------------------------------------------------------------ beyond the plan
+
+    @app.get("/api/v1/workers/{worker_id}/history", tags=["workers"],
+             responses=_answers("History", NOT_FOUND, UNAVAILABLE))  # fmt: skip
+    async def history(worker_id: WORKER_ID,
+                      limit: Annotated[int, Query(ge=1, le=1000)] = 50) -> Response:  # fmt: skip
+        """The worker's retained events, oldest first."""
+        return _json(await gateway.history(worker_id, limit))
+
+    @app.get("/api/v1/workers/{worker_id}/explain", tags=["workers"],
+             responses=_answers("Explanation", NOT_FOUND, UNAVAILABLE))  # fmt: skip
+    async def explain(worker_id: WORKER_ID) -> Response:
+        """`registry explain`: why the worker is in the state it is, from its events."""
+        return _json(await gateway.explain(worker_id))
+
+    @app.get("/api/v1/health", tags=["registry"],
+             responses=_answers("Health", _error(503, "the registry is not answering", "Health")))
+    async def health() -> Response:
+        """The registry's health: active process, lag, brake. 503 when nobody answers."""
+        h = await gateway.health()
+        return _json(h, 503 if h.status == "unavailable" else 200)
+
+    @app.get("/api/v1/events", tags=["registry"], response_class=StreamingResponse,
+             responses={200: {"description": "server-sent events: `worker` (a change: "
+                              "{worker_id, record|null}) and `health` every 2 s",
+                              "content": {"text/event-stream": {"schema": {"type": "string"}}}}})  # fmt: skip
+    async def events(request: Request) -> StreamingResponse:
+        """Every change of the bucket as it happens, and the health every 2 s."""
+        return StreamingResponse(_feed(gateway, request), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-store"})  # fmt: skip
+
+    @app.get("/metrics", tags=["registry"], include_in_schema=False)
+    async def prometheus() -> Response:
+        text = generate_latest(metrics.registry)
+        if extra_metrics is not None:
+            text += generate_latest(extra_metrics)
+        return Response(text, media_type=CONTENT_TYPE_LATEST)
+
+    _dashboard(app)
+    _openapi(app)
+    app.add_middleware(CountRequests, metrics=metrics)
+    return app
+
+
+async def _feed(gateway: Gateway, request: Request) -> AsyncIterator[bytes]:
+    async with gateway.changes() as queue:
+        yield b"retry: 2000\n\n"
+        next_health = 0.0
+        while not await request.is_disconnected():
+            now = time.monotonic()
+            if now >= next_health:
+                next_health = now + HEALTH_EVERY_S
+                h = await gateway.health()
+                yield b"event: health\ndata: " + msgspec.json.encode(h) + b"\n\n"
+            try:
+                change = await asyncio.wait_for(queue.get(), max(0.0, next_health - now))
+            except TimeoutError:
+                continue
+            if change is None:  # fell behind: the page starts over
+                yield b"event: overflow\ndata: {}\n\n"
+                return
+            yield b"event: worker\ndata: " + msgspec.json.encode(change) + b"\n\n"
+
+
+def _dashboard(app: FastAPI) -> None:
+    static = resources.files("registry.http") / "static"
+    if not static.is_dir():
+        return
+    app.mount("/static", StaticFiles(directory=str(static)), name="static")
+
+    @app.get("/", include_in_schema=False)
+    async def index() -> FileResponse:
+        return FileResponse(str(static / "index.html"))
+
+
+def _openapi(app: FastAPI) -> None:
+    """FastAPI's document, with the msgspec-generated body schemas in its components."""
+    make = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            doc = make()
+            schemas = doc.setdefault("components", {}).setdefault("schemas", {})
+            schemas.update(openapi_components())
+            schemas["WorkerList"] = {"type": "array", "items": ref("WorkerInfo")}
+            schemas["Error"] = {"type": "object", "required": ["detail"],
+                                "properties": {"detail": {}}}  # fmt: skip
+            app.openapi_schema = doc
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+

@@ -1,0 +1,109 @@
+"""Run the gateway: connect to NATS, follow the bucket, serve HTTP with uvicorn; stop cleanly.
+
+Standalone (`registry http`) or beside the registry in one process (`registry up
+--http-port`); either way it is cancelled to stop, and uvicorn is told to exit
+rather than interrupted, so open requests finish and the port is released.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import structlog
+import uvicorn
+from prometheus_client import CollectorRegistry
+
+from registry.connect import Auth, NatsOptions, connect_patiently
+from registry.http.app import create_app
+from registry.http.auth import Guard
+from registry.http.gateway import Gateway, GatewaySettings
+
+log = structlog.get_logger("registry.http")
+
+LOADED_WITHIN_S = 30.0
+
+
+class OpenToTheWorld(ValueError):
+    """Open mode (no tokens checked) on an address other than loopback, not asked for."""
+
+
+@dataclass(frozen=True)
+class HttpSettings:
+    nats_url: str
+    host: str = "127.0.0.1"
+    port: int = 8080
+    auth: Auth = field(default_factory=Auth)
+    auth_dir: Path | None = None  # secured: tokens checked against this trust material
+    allow_open: bool = False  # open mode on a non-loopback address
+    gateway: GatewaySettings = field(default_factory=GatewaySettings)
+
+    def check(self) -> None:
+        if self.auth_dir is None and not self.allow_open and not _loopback(self.host):
+            raise OpenToTheWorld(
+                f"--host {self.host} without --auth-dir would let anyone on the network act "
+                "as any worker: pass --auth-dir DIR (tokens checked) or --allow-open"
+            )
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class _Server(uvicorn.Server):
+    """uvicorn, minus its signal handlers: whoever runs us owns SIGINT/SIGTERM."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+async def serve_http(
+    settings: HttpSettings,
+    on_ready: Callable[[str], None] = lambda url: None,
+    extra_metrics: CollectorRegistry | None = None,
+) -> None:
+    """Serve until cancelled. `on_ready(url)` once the bucket is loaded and the port open."""
+    settings.check()
+    guard = Guard(settings.auth_dir)
+    nc = await connect_patiently(NatsOptions.of(settings.nats_url, "worker-registry http",
+                                                auth=settings.auth))  # fmt: skip
+    gateway = Gateway(nc, settings.gateway)
+    try:
+        await gateway.start()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(LOADED_WITHIN_S):
+                await gateway.view.loaded.wait()
+        app = create_app(gateway, guard=guard, extra_metrics=extra_metrics)
+        config = uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None,
+                                access_log=False, lifespan="off")  # fmt: skip
+        server = _Server(config)
+        task = asyncio.create_task(server.serve(), name="uvicorn")
+        try:
+            while not server.started:
+                if task.done():
+                    task.result()  # the port taken, say
+                    raise OSError(f"cannot serve HTTP on {settings.host}:{settings.port}")
+                await asyncio.sleep(0.02)
+            port = server.servers[0].sockets[0].getsockname()[1]
+            url = f"http://{settings.host}:{port}"
+            log.info("http_serving", url=url, secured=guard.secured)
+            on_ready(url)
+            await task
+        finally:
+            server.should_exit = True
+            with contextlib.suppress(BaseException):
+                await asyncio.wait_for(asyncio.shield(task), 5.0)
+    finally:
+        await gateway.stop()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(nc.drain(), 5.0)
