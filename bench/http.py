@@ -382,8 +382,8 @@ async def gateway(load: Load, tmp: Path) -> dict[str, Any]:
     try:
         assert nats.process is not None
         hport, cli = free_port(), [sys.executable, "-m", "registry.cli"]
-        reg_args = [*cli, "up", "--nats", nats.url, "--log-level", "warning"]
-        http_args = [*cli, "http", "--nats", nats.url, "--port", str(hport)]
+        quiet = ["--nats", nats.url, "--log-level", "warning"]
+        reg_args, http_args = [*cli, "up", *quiet], [*cli, "http", *quiet, "--port", str(hport)]
         rlog, glog = tmp / "registry-up.log", tmp / "registry-http.log"
         async with process(reg_args, rlog, tmp) as reg, process(http_args, glog, tmp) as gw:
             base = f"http://127.0.0.1:{hport}"
