@@ -15,7 +15,9 @@ on one keep-alive connection, posting heartbeats back to back (sender k beats
 workers k, k + senders, ... in turn) for `warmup_s` (not counted) and then
 `duration_s`. Per request, the time from sending to the answer read; a non-2xx
 answer or a failed request is an error, counted by status or exception. CPU of
-each process over the measured window, in % of one core. Rounds alternate
+each process over the measured window, in % of one core, and heartbeats per
+CPU-second of all the service's processes (a figure that moves less than the
+rate when other work shares the machine). Rounds alternate
 baseline and gateway; the best throughput of each side is compared (a shared
 machine's noise is larger than a round's), every round is kept.
 
@@ -272,12 +274,17 @@ async def drive(base: str, load: Load, roles: dict[str, list[psutil.Process]]) -
         await asyncio.gather(*(beat(base, s, ids[k :: load.senders], k, window, tally)
                                for k, s in enumerate(sessions)))  # fmt: skip
         cpu_percent = await cpu
+    rate = len(tally.latencies) / load.duration_s
+    service = sum(v for k, v in cpu_percent.items() if k != "load_generator")
     return {
         "registered": load.workers, "register_s": round(register_s, 2),
-        "heartbeats_per_s": round(len(tally.latencies) / load.duration_s),
+        "heartbeats_per_s": round(rate),
+        # all of the service's processes, less sensitive to others' work than the rate
+        "heartbeats_per_cpu_s": round(100 * rate / service) if service else None,
         "ok": len(tally.latencies), "errors": dict(tally.errors),
         "latency_ms": percentiles(tally.latencies, 1000.0),
         "cpu_percent": cpu_percent, "answered_ok_total": tally.answered_ok,
+        "load_avg_1m": round(os.getloadavg()[0], 2),  # the machine, others' work included
     }  # fmt: skip
 
 
@@ -425,6 +432,9 @@ def compare(out: dict[str, Any]) -> None:
             "heartbeats_per_s": round(g["heartbeats_per_s"] / b["heartbeats_per_s"], 2),
             "p99": round(g["latency_ms"]["p99"] / b["latency_ms"]["p99"], 3),
         }
+        if g.get("heartbeats_per_cpu_s") and b.get("heartbeats_per_cpu_s"):
+            ratio = g["heartbeats_per_cpu_s"] / b["heartbeats_per_cpu_s"]
+            out["ratios"]["heartbeats_per_cpu_s"] = round(ratio, 2)
 
 
 async def measure(

@@ -219,20 +219,22 @@ def _http(h: dict[str, Any] | None) -> list[str]:
                         ("gateway", "registry http (NATS)")):  # fmt: skip
         side = h[name]
         if "skipped" in side:
-            rows.append([label, f"skipped: {side['skipped']}", "", "", "", ""])
+            rows.append([label, f"skipped: {side['skipped']}", "", "", "", "", ""])
         for i, run in enumerate(side.get("runs", [])):
             cpu = ", ".join(f"{k} {v}%" for k, v in run["cpu_percent"].items())
             errors = sum(run["errors"].values())
             rows.append([f"{label}, round {i + 1}", f"{run['heartbeats_per_s']:,}",
-                         _p(run["latency_ms"], " ms"),
+                         _p(run["latency_ms"], " ms"), f"{run.get('heartbeats_per_cpu_s') or 0:,}",
                          f"{errors}" + (f" {run['errors']}" if errors else ""),
                          f"{run['register_s']} s", cpu])  # fmt: skip
-    out += _table(["service", "heartbeats/s", "latency p50/p99/max", "errors",
-                   "1,000 registrations", "CPU (% of a core)"], rows)  # fmt: skip
+    out += _table(["service", "heartbeats/s", "latency p50/p99/max",
+                   "heartbeats per CPU-second of the service", "errors",
+                   f"{h['workers']:,} registrations", "CPU (% of a core)"], rows)  # fmt: skip
     if "ratios" in h:
         r = h["ratios"]
         out += [(f"Best round of each: gateway / baseline throughput {r['heartbeats_per_s']}, "
-                 f"p99 {r['p99']}."), ""]  # fmt: skip
+                 f"p99 {r['p99']}, heartbeats per CPU-second "
+                 f"{r.get('heartbeats_per_cpu_s', 'n/a')}."), ""]  # fmt: skip
     for name in ("baseline", "gateway"):
         if h[name].get("stack"):
             stack = ", ".join(f"{k} {v}" for k, v in h[name]["stack"].items())
