@@ -224,7 +224,7 @@ def _http(h: dict[str, Any] | None) -> list[str]:
             cpu = ", ".join(f"{k} {v}%" for k, v in run["cpu_percent"].items())
             errors = sum(run["errors"].values())
             rows.append([f"{label}, round {i + 1}", f"{run['heartbeats_per_s']:,}",
-                         _p(run["latency_ms"], " ms"), f"{run.get('heartbeats_per_cpu_s') or 0:,}",
+                         _p(run["latency_ms"], " ms"), f"{run['heartbeats_per_cpu_s']:,}" if run.get("heartbeats_per_cpu_s") else "n/a",
                          f"{errors}" + (f" {run['errors']}" if errors else ""),
                          f"{run['register_s']} s", cpu])  # fmt: skip
     out += _table(["service", "heartbeats/s", "latency p50/p99/max",
