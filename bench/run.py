@@ -1,6 +1,6 @@
 """Benchmarks of the worker registry, measured on one machine in one run.
 
-    .venv/bin/python bench/run.py            # full run (about 8 minutes on 2 cores)
+    .venv/bin/python bench/run.py            # full run (about 8 minutes on 2 cores; http adds 2.5)
     .venv/bin/python bench/run.py --quick    # small sizes (under 2 minutes)
     .venv/bin/python bench/run.py --only throughput,routing --profile
 
