@@ -150,6 +150,7 @@ def targets(r: dict[str, Any]) -> list[str]:
         rows.append([f"takeover after kill -9 of the active registry, p99 over {kill['n']} kills",
                      f"{kill['p99']} s (p50 {kill['p50']}, max {kill['max']})", "<= 5 s",
                      _ok(kill["p99"], 5.0001)])  # fmt: skip
+    rows += _http_targets(r.get("http"))
     return _table(["figure", "measured", "target", ""], rows)  # fmt: skip
 
 
@@ -182,7 +183,67 @@ def markdown(doc: dict[str, Any]) -> str:
     out += _trust(_get(r, "trust"))
     out += _service(_get(r, "service"))
     out += _ha(_get(r, "ha"))
+    out += _http(_get(r, "http"))
     return "\n".join(out)
+
+
+def _http_targets(h: dict[str, Any] | None) -> list[list[Any]]:
+    """Gateway beside the original plan's service: a row per target, "not measured"
+    with the reason when a side was skipped."""
+    if not h or "error" in h:
+        return []
+    b, g = h["baseline"].get("best"), h["gateway"].get("best")
+    if not (b and g and "ratios" in h):
+        why = h["gateway"].get("skipped") or h["baseline"].get("skipped") or "a side failed"
+        return [[name, f"not measured: {why}", target, "not measured"] for name, target in (
+            ("gateway / baseline heartbeats per second", ">= 2"),
+            ("gateway p99 < baseline p99", "lower"))]  # fmt: skip
+    ratio, gp, bp = h["ratios"]["heartbeats_per_s"], g["latency_ms"]["p99"], b["latency_ms"]["p99"]
+    return [
+        ["gateway / baseline heartbeats per second",
+         (f"{ratio:.2f} ({g['heartbeats_per_s']:,} vs {b['heartbeats_per_s']:,}/s, "
+          f"{h['senders']} senders)"), ">= 2", _ok(ratio, 2.0, below=False)],
+        ["gateway p99 < baseline p99", f"{gp} vs {bp} ms", "lower", _ok(gp, bp)],
+    ]  # fmt: skip
+
+
+def _http(h: dict[str, Any] | None) -> list[str]:
+    if not h:
+        return []
+    out = ["## HTTP heartbeats: the gateway beside the original plan's service (bench/http.py)", ""]
+    out += [(f"{h['workers']:,} workers registered, then {h['senders']} senders (one keep-alive "
+             f"connection each) posting heartbeats back to back: {h['warmup_s']} s warm-up, "
+             f"{h['duration_s']} s measured, {h['rounds']} round(s) each, alternating."), ""]  # fmt: skip
+    rows = []
+    for name, label in (("baseline", "original plan (FastAPI + Redis)"),
+                        ("gateway", "registry http (NATS)")):  # fmt: skip
+        side = h[name]
+        if "skipped" in side:
+            rows.append([label, f"skipped: {side['skipped']}", "", "", "", "", ""])
+        for i, run in enumerate(side.get("runs", [])):
+            cpu = ", ".join(f"{k} {v}%" for k, v in run["cpu_percent"].items())
+            errors = sum(run["errors"].values())
+            rows.append([f"{label}, round {i + 1}", f"{run['heartbeats_per_s']:,}",
+                         _p(run["latency_ms"], " ms"), f"{run['heartbeats_per_cpu_s']:,}" if run.get("heartbeats_per_cpu_s") else "n/a",
+                         f"{errors}" + (f" {run['errors']}" if errors else ""),
+                         f"{run['register_s']} s", cpu])  # fmt: skip
+    out += _table(["service", "heartbeats/s", "latency p50/p99/max",
+                   "heartbeats per CPU-second of the service", "errors",
+                   f"{h['workers']:,} registrations", "CPU (% of a core)"], rows)  # fmt: skip
+    if "ratios" in h:
+        r = h["ratios"]
+        out += [(f"Best round of each: gateway / baseline throughput {r['heartbeats_per_s']}, "
+                 f"p99 {r['p99']}, heartbeats per CPU-second "
+                 f"{r.get('heartbeats_per_cpu_s', 'n/a')}."), ""]  # fmt: skip
+    for name in ("baseline", "gateway"):
+        if h[name].get("stack"):
+            stack = ", ".join(f"{k} {v}" for k, v in h[name]["stack"].items())
+            out += [f"{name}: {stack}.", ""]
+    for run in h["gateway"].get("runs", []):
+        if run.get("accepted_not_stored"):
+            out += [(f"**{run['accepted_not_stored']} heartbeats answered 2xx are not in "
+                     "WORKER_EVENTS.**"), ""]  # fmt: skip
+    return out
 
 
 def _ha(ha: dict[str, Any] | None) -> list[str]:

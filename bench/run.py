@@ -1,10 +1,12 @@
 """Benchmarks of the worker registry, measured on one machine in one run.
 
-    .venv/bin/python bench/run.py            # full run (about 8 minutes on 2 cores)
+    .venv/bin/python bench/run.py            # full run (about 8 minutes on 2 cores; http adds 2.5)
     .venv/bin/python bench/run.py --quick    # small sizes (under 2 minutes)
     .venv/bin/python bench/run.py --only throughput,routing --profile
 
-Each part starts its own nats-server(s) on 127.0.0.1 with a temporary store.
+Each part starts its own nats-server(s) on 127.0.0.1 with a temporary store;
+"http" also the original plan's service beside our gateway, with a
+redis-server (bench/http.py: `--only http`).
 Results: bench/results/latest.json and latest.md (quick.json / quick.md with
 --quick). With --profile the projector is sampled with py-spy during the
 throughput run (bench/results/projector-profile.txt). See bench/README.md.
@@ -25,15 +27,18 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+# run by path, Python puts bench/ first on sys.path, where bench/http.py would stand for
+# the standard library's http: the repository root takes its place
+_HERE = Path(__file__).resolve().parent
+sys.path[:] = [str(_HERE.parent), *(p for p in sys.path if Path(p).resolve() != _HERE)]
 
-from bench import ha, latency, report, routing, scale, service, throughput, trust
+from bench import ha, http, latency, report, routing, scale, service, throughput, trust
 from bench.common import machine
 from bench.profile import PySpy, summary
 from registry import logs
 
 RESULTS = Path(__file__).resolve().parent / "results"
-PARTS = ("throughput", "latency", "routing", "scale", "service", "trust", "ha")
+PARTS = ("throughput", "latency", "routing", "scale", "service", "trust", "ha", "http")
 
 SIZES: dict[str, dict[str, Any]] = {
     "quick": {
@@ -50,6 +55,7 @@ SIZES: dict[str, dict[str, Any]] = {
         "trust": {"workers": 1000, "rounds": 5, "agents": 20, "rate_hz": 20.0,
                   "duration_s": 6.0, "conns": 200, "mints": 1000},
         "ha": {"kills": 20, "terms": 3, "workers": 1000, "rounds": 10},
+        "http": {"workers": 1000, "senders": 32, "warmup_s": 2.0, "duration_s": 10.0, "rounds": 1},
     },
     "full": {
         "throughput": [(1000, 50), (10000, 5), (100000, 1)],
@@ -68,6 +74,7 @@ SIZES: dict[str, dict[str, Any]] = {
         "trust": {"workers": 10000, "rounds": 5, "agents": 50, "rate_hz": 20.0,
                   "duration_s": 20.0, "conns": 1000, "mints": 5000},
         "ha": {"kills": 30, "terms": 5, "workers": 10000, "rounds": 5},
+        "http": {"workers": 1000, "senders": 32, "warmup_s": 5.0, "duration_s": 30.0, "rounds": 2},
     },
 }  # fmt: skip
 
@@ -117,6 +124,9 @@ async def run_parts(mode: str, parts: list[str], profile: bool) -> dict[str, Any
     async def hav() -> dict[str, Any]:
         return await ha.measure(**sizes["ha"])
 
+    async def web() -> dict[str, Any]:
+        return await http.measure(**sizes["http"])
+
     await part("throughput", tp)
     await part("latency", lat)
     await part("routing", rt)
@@ -124,6 +134,7 @@ async def run_parts(mode: str, parts: list[str], profile: bool) -> dict[str, Any
     await part("service", sv)
     await part("trust", tr)
     await part("ha", hav)
+    await part("http", web)
     return results
 
 

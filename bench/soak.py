@@ -53,7 +53,9 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+# run by path, Python puts bench/ first on sys.path, where bench/http.py would stand for
+# the standard library's http: the repository root takes its place
+sys.path[:] = [str(ROOT), *(p for p in sys.path if Path(p).resolve() != ROOT / "bench")]
 
 import nats  # noqa: E402
 from nats.aio.client import Client  # noqa: E402
