@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
@@ -58,6 +58,17 @@ class HttpMetrics:
             ["method", "route"], buckets=LATENCY_BUCKETS, registry=self.registry,
         )  # fmt: skip
         self.registry.register(FleetCollector(gateway))
+        self._children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
+
+    def observe(self, method: str, route: str, status: int, seconds: float) -> None:
+        key = (method, route, status)
+        children = self._children.get(key)
+        if children is None:  # labels() costs more than the count: once per combination
+            children = (self.requests.labels(method, route, str(status)),
+                        self.duration.labels(method, route))  # fmt: skip
+            self._children[key] = children
+        children[0].inc()
+        children[1].observe(seconds)
 
 
 class CountRequests:
@@ -76,9 +87,8 @@ class CountRequests:
         async def sending(message: Message) -> None:
             if message["type"] == "http.response.start":
                 route = getattr(scope.get("route"), "path", None) or "unmatched"
-                m = self.metrics
-                m.duration.labels(scope["method"], route).observe(time.perf_counter() - started)
-                m.requests.labels(scope["method"], route, str(message["status"])).inc()
+                self.metrics.observe(scope["method"], route, message["status"],
+                                     time.perf_counter() - started)  # fmt: skip
             await send(message)
 
         await self.app(scope, receive, sending)

@@ -19,7 +19,7 @@ import uvicorn
 from prometheus_client import CollectorRegistry
 
 from registry.connect import Auth, NatsOptions, connect_patiently
-from registry.http.app import create_app
+from registry.http.app import create_asgi
 from registry.http.auth import Guard
 from registry.http.gateway import Gateway, GatewaySettings
 
@@ -83,7 +83,7 @@ async def serve_http(
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(LOADED_WITHIN_S):
                 await gateway.view.loaded.wait()
-        app = create_app(gateway, guard=guard, extra_metrics=extra_metrics)
+        app = create_asgi(gateway, guard=guard, extra_metrics=extra_metrics)
         config = uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None,
                                 access_log=False, lifespan="off")  # fmt: skip
         server = _Server(config)
