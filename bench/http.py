@@ -182,13 +182,12 @@ def tree(pid: int) -> list[psutil.Process]:
     return [p, *p.children(recursive=True)]
 
 
-def cpu_s(procs: Sequence[psutil.Process]) -> float:
-    total = 0.0
-    for p in procs:
-        with contextlib.suppress(psutil.Error):
-            t = p.cpu_times()
-            total += t.user + t.system
-    return total
+def cpu_s(procs: Sequence[psutil.Process]) -> float | None:
+    """CPU seconds of these processes; None when one is gone (its time is lost with it)."""
+    try:
+        return float(sum(t.user + t.system for t in (p.cpu_times() for p in procs)))
+    except psutil.Error:
+        return None
 
 
 # ---------------------------------------------------------------- the load generator
@@ -247,13 +246,18 @@ async def beat(
 
 async def window_cpu(
     roles: dict[str, list[psutil.Process]], window: tuple[float, float]
-) -> dict[str, float]:
-    """% of one core per role over the window (snapshots at its edges)."""
+) -> dict[str, float | None]:
+    """% of one core per role over the window (snapshots at its edges); None for a role
+    whose process was gone at either edge."""
     await asyncio.sleep(max(0.0, window[0] - time.perf_counter()))
     t0, before = time.perf_counter(), {k: cpu_s(v) for k, v in roles.items()}
     await asyncio.sleep(max(0.0, window[1] - time.perf_counter()))
     t1, after = time.perf_counter(), {k: cpu_s(v) for k, v in roles.items()}
-    return {k: round(100 * (after[k] - before[k]) / (t1 - t0), 1) for k in roles}
+    out: dict[str, float | None] = {}
+    for k in roles:
+        b, a = before[k], after[k]
+        out[k] = None if a is None or b is None else round(100 * (a - b) / (t1 - t0), 1)
+    return out
 
 
 async def drive(base: str, load: Load, roles: dict[str, list[psutil.Process]]) -> dict[str, Any]:
@@ -275,7 +279,8 @@ async def drive(base: str, load: Load, roles: dict[str, list[psutil.Process]]) -
                                for k, s in enumerate(sessions)))  # fmt: skip
         cpu_percent = await cpu
     rate = len(tally.latencies) / load.duration_s
-    service = sum(v for k, v in cpu_percent.items() if k != "load_generator")
+    parts = [v for k, v in cpu_percent.items() if k != "load_generator"]
+    service = None if None in parts else sum(v for v in parts if v is not None)
     return {
         "registered": load.workers, "register_s": round(register_s, 2),
         "heartbeats_per_s": round(rate),

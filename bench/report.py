@@ -199,6 +199,12 @@ def _http_targets(h: dict[str, Any] | None) -> list[list[Any]]:
             ("gateway / baseline heartbeats per second", ">= 2"),
             ("gateway p99 < baseline p99", "lower"))]  # fmt: skip
     ratio, gp, bp = h["ratios"]["heartbeats_per_s"], g["latency_ms"]["p99"], b["latency_ms"]["p99"]
+    errors = sum(g["errors"].values()) + sum(b["errors"].values())
+    if errors:  # a request that failed is not a heartbeat answered: the rates are not comparable
+        return [["gateway / baseline heartbeats per second", f"{ratio:.2f} with {errors} errors",
+                 ">= 2", "**missed** (errors)"],
+                ["gateway p99 < baseline p99", f"{gp} vs {bp} ms with {errors} errors", "lower",
+                 "**missed** (errors)"]]  # fmt: skip
     return [
         ["gateway / baseline heartbeats per second",
          (f"{ratio:.2f} ({g['heartbeats_per_s']:,} vs {b['heartbeats_per_s']:,}/s, "
@@ -221,7 +227,8 @@ def _http(h: dict[str, Any] | None) -> list[str]:
         if "skipped" in side:
             rows.append([label, f"skipped: {side['skipped']}", "", "", "", "", ""])
         for i, run in enumerate(side.get("runs", [])):
-            cpu = ", ".join(f"{k} {v}%" for k, v in run["cpu_percent"].items())
+            cpu = ", ".join(f"{k} {'gone' if v is None else f'{v}%'}"
+                            for k, v in run["cpu_percent"].items())  # fmt: skip
             errors = sum(run["errors"].values())
             rows.append([f"{label}, round {i + 1}", f"{run['heartbeats_per_s']:,}",
                          _p(run["latency_ms"], " ms"), f"{run['heartbeats_per_cpu_s']:,}" if run.get("heartbeats_per_cpu_s") else "n/a",
