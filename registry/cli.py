@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import dataclasses
 import os
 import signal
@@ -138,6 +139,10 @@ def run_http(args: argparse.Namespace) -> int:
     def ready(url: str) -> None:
         print(url, flush=True)
 
+    with contextlib.suppress(ImportError):  # uvloop: a faster event loop where installed
+        import uvloop
+
+        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
     try:
         return _run_until_signal(serve_http(settings, on_ready=ready))
     except (OSError, SystemExit, TrustError) as e:
