@@ -4,29 +4,13 @@ unreachable servers. Each test runs the real command in a child process."""
 from __future__ import annotations
 
 import socket
-from collections.abc import Iterator
 from pathlib import Path
 
 import nats
 import pytest
 
-from tests.conftest import eventually
+from tests.conftest import eventually, port_open
 from tests.integration.registry_helpers import EVENTS, bounded, registry_process
-
-
-def _port_open(port: int) -> bool:
-    with socket.socket() as s:
-        s.settimeout(0.5)
-        return s.connect_ex(("127.0.0.1", port)) == 0
-
-
-@pytest.fixture
-def taken_port() -> Iterator[int]:
-    """A port on 127.0.0.1 that someone else is listening on."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        s.listen()
-        yield s.getsockname()[1]
 
 
 @pytest.fixture
@@ -61,10 +45,10 @@ async def test_sigterm_exits_zero_and_stops_embedded_server(tmp_path: Path) -> N
     async with registry_process(_embedded(tmp_path), tmp_path / "stderr.log") as proc:
         url = await proc.first_line()
         port = int(url.rsplit(":", 1)[1])
-        assert _port_open(port)
+        assert port_open(port)
         code = await proc.terminate()
     assert code == 0
-    assert not _port_open(port)
+    assert not port_open(port)
     assert "Traceback" not in (tmp_path / "stderr.log").read_text()
 
 

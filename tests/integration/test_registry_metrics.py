@@ -6,19 +6,16 @@ bucket's records, the events published."""
 from __future__ import annotations
 
 import asyncio
-import socket
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 
 import nats
-import pytest
 from nats.aio.client import Client
 from nats.js import JetStreamContext
 from prometheus_client.parser import text_string_to_metric_families
 
 from registry.server.embedded import NatsServer
-from tests.conftest import eventually
+from tests.conftest import eventually, port_open
 from tests.integration.registry_helpers import (
     bounded,
     heartbeat_body,
@@ -54,18 +51,6 @@ def value(samples: Samples, name: str, **labels: str) -> float:
     return samples[(name, frozenset(labels.items()))]
 
 
-def _port_open(port: int) -> bool:
-    with socket.socket() as s:
-        s.settimeout(0.5)
-        return s.connect_ex(("127.0.0.1", port)) == 0
-
-
-@pytest.fixture
-def taken_port() -> Iterator[int]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        s.listen()
-        yield s.getsockname()[1]
 
 
 @bounded(60)
@@ -182,7 +167,7 @@ async def test_up_serves_metrics_and_stops_them_on_sigterm(tmp_path: Path) -> No
     assert code == 0
     assert value(s, "registry_active") == 1
     assert value(s, "registry_events_folded_total", kind="register") == 1
-    assert not _port_open(port)
+    assert not port_open(port)
     assert "Traceback" not in (tmp_path / "stderr.log").read_text()
 
 

@@ -4,16 +4,15 @@ CollectorRegistry of the test's own: no NATS. Requests go through urllib."""
 from __future__ import annotations
 
 import asyncio
-import socket
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
 
 import pytest
 from prometheus_client import CollectorRegistry, Counter
 from prometheus_client.parser import text_string_to_metric_families
 
 from registry.server.metrics import MetricsError, serve_metrics
+from tests.conftest import port_open
 
 
 def _request(port: int, path: str, method: str = "GET") -> tuple[int, str, bytes]:
@@ -25,11 +24,6 @@ def _request(port: int, path: str, method: str = "GET") -> tuple[int, str, bytes
         return e.code, e.headers["Content-Type"], e.read()
 
 
-def _port_open(port: int) -> bool:
-    with socket.socket() as s:
-        s.settimeout(0.5)
-        return s.connect_ex(("127.0.0.1", port)) == 0
-
 
 @pytest.fixture
 def source() -> CollectorRegistry:
@@ -37,13 +31,6 @@ def source() -> CollectorRegistry:
     Counter("things_done", "Things done", ["kind"], registry=target).labels(kind="a").inc(3)
     return target
 
-
-@pytest.fixture
-def taken_port() -> Iterator[int]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        s.listen()
-        yield s.getsockname()[1]
 
 
 async def test_get_metrics_answers_the_text_format(source: CollectorRegistry) -> None:
@@ -80,7 +67,7 @@ async def test_leaving_the_block_closes_the_port_and_idle_connections(
     assert took < 1.0, f"closing waited {took:.2f} s for an idle connection"
     assert await asyncio.wait_for(_rest(reader), 2.0) == b""  # cut off at once, unanswered
     writer.close()
-    assert not _port_open(port)
+    assert not port_open(port)
 
 
 async def _rest(reader: asyncio.StreamReader) -> bytes:
