@@ -33,7 +33,7 @@ _patience: ContextVar[float] = ContextVar("api_timeout_s", default=API_TIMEOUT_S
 
 @contextlib.contextmanager
 def patience(timeout_s: float) -> Iterator[None]:
-    """JetStream API requests made within (by this task) wait up to `timeout_s`.
+    """Patient JetStream API requests made within (by this task) wait up to `timeout_s`.
 
     A request that timed out is not undone: a consumer being created on a
     cluster that lost a node takes seconds to elect its leader, and asking
@@ -95,9 +95,15 @@ def consumer_config(names: Names, start_seq: int) -> dict[str, Any]:
     return cfg
 
 
-async def api(nc: Client, subject: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
+async def api(
+    nc: Client, subject: str, body: dict[str, Any] | None = None, patient: bool = False
+) -> dict[str, Any]:
+    """One JetStream API request. A read is asked again soon if unanswered (one sent
+    during an election is dropped, not queued); a `patient` one (creating or deleting the
+    consumer, which asking again would start over) waits as long as `patience()` says."""
     payload = json.dumps(body).encode() if body is not None else b""
-    msg = await nc.request(f"$JS.API.{subject}", payload, timeout=_patience.get())
+    timeout = _patience.get() if patient else API_TIMEOUT_S
+    msg = await nc.request(f"$JS.API.{subject}", payload, timeout=timeout)
     result: dict[str, Any] = json.loads(msg.data)
     return result
 
@@ -175,8 +181,8 @@ async def reset_consumer(nc: Client, names: Names, start_seq: int) -> None:
     ack_wait and after newer ones; recreating it at the checkpoint gives
     in-order delivery at once. Redelivered events are skipped by event_seq.
     """
-    await api(nc, f"CONSUMER.DELETE.{names.events}.{names.consumer}")
+    await api(nc, f"CONSUMER.DELETE.{names.events}.{names.consumer}", patient=True)
     body = {"stream_name": names.events, "config": consumer_config(names, start_seq)}
-    resp = await api(nc, f"CONSUMER.CREATE.{names.events}.{names.consumer}", body)
+    resp = await api(nc, f"CONSUMER.CREATE.{names.events}.{names.consumer}", body, patient=True)
     if "error" in resp:
         raise ProvisionError(f"cannot create consumer {names.consumer}: {resp['error']}")

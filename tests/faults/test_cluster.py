@@ -42,7 +42,9 @@ from tests.integration.registry_helpers import (
     expired_events,
 )
 
-RESUMED_WITHIN_S = 15.0  # lag under 1 s again this soon after the kill
+RESUMED_WITHIN_S = 30.0  # lag under 1 s again this soon after the kill (4-12 s measured;
+# up to 19 s beside a CPU burner, where the election and the consumer's recreation are slow)
+CURRENT_FOR_S = 5.0  # sampling stops once the lag stayed under 1 s this long (after 10 s)
 CONVERGED_WITHIN_S = 15.0
 
 
@@ -90,11 +92,16 @@ def node_named(cluster: LocalCluster, name: str) -> NatsServer:
 
 async def lag_samples(nc: Client, seconds: float) -> list[tuple[float, float]]:
     t0, out = time.monotonic(), []
+    last_behind = 0.0
     while (t := time.monotonic() - t0) < seconds:
         lag = None
         with contextlib.suppress(Exception):
             lag = await asyncio.wait_for(projector_lag_s(nc), 1.0)
         out.append((t, float("inf") if lag is None else lag))
+        if lag is None or lag >= 1.0:
+            last_behind = t
+        elif t > 10.0 and t - last_behind > CURRENT_FOR_S:
+            break
         await asyncio.sleep(0.1)
     return out
 
