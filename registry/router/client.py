@@ -46,6 +46,7 @@ log = structlog.get_logger("registry.router")
 
 _END: Final = object()
 MAX_QUESTIONS: Final = 64  # registry.get questions in flight for rejected availability
+CONSUMER_REQUEST_S: Final = 2.0  # creating (again) the ordered consumer that follows availability
 
 
 async def _log_nats_error(e: Exception) -> None:
@@ -116,7 +117,10 @@ class Router:
         """Follow the stream: last value of every worker, then every change."""
         if self._sub is not None:
             return
-        self._sub = await self.nc.jetstream().subscribe(
+        # nats-py recreates a stalled ordered consumer (its stream's leader died) two idle
+        # heartbeats after the last message, in the background, with this context's
+        # timeout: a request lost in the election would hold it for the default 5 s
+        self._sub = await self.nc.jetstream(timeout=CONSUMER_REQUEST_S).subscribe(
             self._subject, stream=self._stream, cb=self._on_msg, ordered_consumer=True,
             deliver_policy=api.DeliverPolicy.LAST_PER_SUBJECT,
             idle_heartbeat=self._heartbeat_s, pending_msgs_limit=-1, pending_bytes_limit=-1,
