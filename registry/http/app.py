@@ -40,6 +40,7 @@ from registry.query import Filter, QueryError, matches, parse_tags, rank
 
 MAX_BODY = 1024 * 1024  # NATS's max_payload: nothing bigger could be published
 HEALTH_EVERY_S = 2.0
+FEED_POLL_S = 0.25  # a live feed notices a closing gateway this soon
 WORKER_ID = Annotated[str, Path(pattern=r"^[A-Za-z0-9_-]{1,128}$", max_length=128)]
 TagPair = Annotated[str, StringConstraints(pattern=r"^[^=]+=", max_length=512)]
 T = TypeVar("T")
@@ -308,14 +309,14 @@ async def _feed(gateway: Gateway, request: Request) -> AsyncIterator[bytes]:
     async with gateway.changes() as queue:
         yield b"retry: 2000\n\n"
         next_health = 0.0
-        while not await request.is_disconnected():
+        while not gateway.closing.is_set() and not await request.is_disconnected():
             now = time.monotonic()
             if now >= next_health:
                 next_health = now + HEALTH_EVERY_S
                 h = await gateway.health()
                 yield b"event: health\ndata: " + msgspec.json.encode(h) + b"\n\n"
             try:
-                change = await asyncio.wait_for(queue.get(), max(0.0, next_health - now))
+                change = await asyncio.wait_for(queue.get(), min(FEED_POLL_S, next_health - now))
             except TimeoutError:
                 continue
             if change is None:  # fell behind: the page starts over

@@ -73,6 +73,7 @@ class Gateway:
         self.view = Follower(nc)
         self._incarnations: dict[str, str] = {}  # registered here, maybe not folded yet
         self._task: asyncio.Task[None] | None = None
+        self.closing = asyncio.Event()  # set when the server stops: live feeds end
 
     # ------------------------------------------------------------ lifecycle
 

@@ -84,8 +84,10 @@ async def serve_http(
             async with asyncio.timeout(LOADED_WITHIN_S):
                 await gateway.view.loaded.wait()
         app = create_asgi(gateway, guard=guard, extra_metrics=extra_metrics)
-        config = uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None,
-                                access_log=False, lifespan="off")  # fmt: skip
+        config = uvicorn.Config(
+            app, host=settings.host, port=settings.port, log_config=None, access_log=False,
+            lifespan="off", timeout_graceful_shutdown=2,  # live feeds never end by themselves
+        )  # fmt: skip
         server = _Server(config)
         task = asyncio.create_task(server.serve(), name="uvicorn")
         try:
@@ -100,6 +102,7 @@ async def serve_http(
             on_ready(url)
             await task
         finally:
+            gateway.closing.set()
             server.should_exit = True
             with contextlib.suppress(BaseException):
                 await asyncio.wait_for(asyncio.shield(task), 5.0)
