@@ -100,7 +100,7 @@ async def serve_http(
             url = f"http://{settings.host}:{port}"
             log.info("http_serving", url=url, secured=guard.secured)
             on_ready(url)
-            await task
+            await asyncio.shield(task)  # a stop is ours to order (below), not a cancel of uvicorn
         finally:
             gateway.closing.set()
             server.should_exit = True

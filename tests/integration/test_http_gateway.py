@@ -20,7 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from registry.trust.authdir import AuthDir
 from tests.conftest import eventually
 from tests.integration import plan_client as plan
-from tests.integration.http_helpers import http_command, registry_with_gateway
+from tests.integration.http_helpers import gateway, http_command, registry_with_gateway
 from tests.integration.registry_helpers import bounded, registry_process
 
 INTERVAL_S = 2.0  # what the gateway says HTTP workers promise (its --heartbeat-interval)
@@ -272,3 +272,20 @@ async def test_a_gateway_waiting_for_nats_stops_cleanly_on_sigterm(tmp_path: Pat
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
+
+
+@bounded(60)
+async def test_sigterm_with_a_live_feed_open_stops_the_gateway_cleanly(tmp_path: Path) -> None:
+    args = ["--port", "0", "--data-dir", str(tmp_path / "data")]
+    async with registry_process(args, tmp_path / "registry.log") as reg:
+        nats_url = await reg.first_line(timeout=30.0)
+        async with (
+            gateway(nats_url, tmp_path / "http.log") as (url, proc),
+            aiohttp.ClientSession() as http,
+            http.get(f"{url}/api/v1/events") as feed,
+        ):
+            assert (await feed.content.readline()).startswith(b"retry:")
+            started = time.monotonic()
+            assert await proc.terminate(timeout=15.0) == 0
+            assert time.monotonic() - started < 10.0
+    assert "Traceback" not in (tmp_path / "http.log").read_text()
