@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ipaddress
+import socket
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,6 +60,21 @@ def _loopback(host: str) -> bool:
         return False
 
 
+def _listen(host: str, port: int) -> socket.socket:
+    """A listening TCP socket for uvicorn; OSError naming the address if it cannot be."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(2048)
+    except OSError as e:
+        sock.close()
+        raise OSError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    sock.setblocking(False)
+    return sock
+
+
 class _Server(uvicorn.Server):
     """uvicorn, minus its signal handlers: whoever runs us owns SIGINT/SIGTERM."""
 
@@ -75,6 +91,17 @@ async def serve_http(
     """Serve until cancelled. `on_ready(url)` once the bucket is loaded and the port open."""
     settings.check()
     guard = Guard(settings.auth_dir)
+    sock = _listen(settings.host, settings.port)  # ours, first: a taken port is one clear line
+    try:
+        await _serve(settings, guard, sock, on_ready, extra_metrics)
+    finally:
+        sock.close()
+
+
+async def _serve(
+    settings: HttpSettings, guard: Guard, sock: socket.socket,
+    on_ready: Callable[[str], None], extra_metrics: CollectorRegistry | None,
+) -> None:  # fmt: skip
     nc = await connect_patiently(NatsOptions.of(settings.nats_url, "worker-registry http",
                                                 auth=settings.auth))  # fmt: skip
     gateway = Gateway(nc, settings.gateway)
@@ -89,12 +116,12 @@ async def serve_http(
             lifespan="off", timeout_graceful_shutdown=2,  # live feeds never end by themselves
         )  # fmt: skip
         server = _Server(config)
-        task = asyncio.create_task(server.serve(), name="uvicorn")
+        task = asyncio.create_task(server.serve(sockets=[sock]), name="uvicorn")
         try:
             while not server.started:
                 if task.done():
-                    task.result()  # the port taken, say
-                    raise OSError(f"cannot serve HTTP on {settings.host}:{settings.port}")
+                    task.result()
+                    raise OSError("the HTTP server stopped while starting")
                 await asyncio.sleep(0.02)
             port = server.servers[0].sockets[0].getsockname()[1]
             url = f"http://{settings.host}:{port}"

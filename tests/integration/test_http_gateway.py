@@ -17,6 +17,7 @@ import aiohttp
 import nats
 from prometheus_client.parser import text_string_to_metric_families
 
+from registry.server.embedded import NatsServer
 from registry.trust.authdir import AuthDir
 from tests.conftest import eventually
 from tests.integration import plan_client as plan
@@ -289,3 +290,13 @@ async def test_sigterm_with_a_live_feed_open_stops_the_gateway_cleanly(tmp_path:
             assert await proc.terminate(timeout=15.0) == 0
             assert time.monotonic() - started < 10.0
     assert "Traceback" not in (tmp_path / "http.log").read_text()
+
+
+async def test_a_taken_port_is_one_line_and_exit_1(nats_server: NatsServer, taken_port: int) -> None:
+    proc = await asyncio.create_subprocess_exec(
+        *http_command(), "--nats", nats_server.url, "--port", str(taken_port),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    _, err = await asyncio.wait_for(proc.communicate(), 30.0)
+    assert proc.returncode == 1
+    assert b"Traceback" not in err and str(taken_port).encode() in err.splitlines()[-1]
