@@ -11,14 +11,14 @@ import asyncio
 import contextlib
 import ipaddress
 import socket
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import structlog
-import uvicorn
 from prometheus_client import CollectorRegistry
 
+from registry.asgiserve import listen, serving
 from registry.connect import Auth, NatsOptions, connect_patiently
 from registry.http.app import create_asgi
 from registry.http.auth import Guard
@@ -60,29 +60,6 @@ def _loopback(host: str) -> bool:
         return False
 
 
-def _listen(host: str, port: int) -> socket.socket:
-    """A listening TCP socket for uvicorn; OSError naming the address if it cannot be."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((host, port))
-        sock.listen(2048)
-    except OSError as e:
-        sock.close()
-        raise OSError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
-    sock.setblocking(False)
-    return sock
-
-
-class _Server(uvicorn.Server):
-    """uvicorn, minus its signal handlers: whoever runs us owns SIGINT/SIGTERM."""
-
-    @contextlib.contextmanager
-    def capture_signals(self) -> Iterator[None]:
-        yield
-
-
 async def serve_http(
     settings: HttpSettings,
     on_ready: Callable[[str], None] = lambda url: None,
@@ -91,11 +68,11 @@ async def serve_http(
     """Serve until cancelled. `on_ready(url)` once the bucket is loaded and the port open."""
     settings.check()
     guard = Guard(settings.auth_dir)
-    sock = _listen(settings.host, settings.port)  # ours, first: a taken port is one clear line
+    sock = listen(settings.host, settings.port)  # first: a taken port is one clear line
     try:
         await _serve(settings, guard, sock, on_ready, extra_metrics)
     finally:
-        sock.close()
+        sock.close()  # serving() closes it too; this is for a failure before it
 
 
 async def _serve(
@@ -111,28 +88,14 @@ async def _serve(
             async with asyncio.timeout(LOADED_WITHIN_S):
                 await gateway.view.loaded.wait()
         app = create_asgi(gateway, guard=guard, extra_metrics=extra_metrics)
-        config = uvicorn.Config(
-            app, host=settings.host, port=settings.port, log_config=None, access_log=False,
-            lifespan="off", timeout_graceful_shutdown=2,  # live feeds never end by themselves
-        )  # fmt: skip
-        server = _Server(config)
-        task = asyncio.create_task(server.serve(sockets=[sock]), name="uvicorn")
-        try:
-            while not server.started:
-                if task.done():
-                    task.result()
-                    raise OSError("the HTTP server stopped while starting")
-                await asyncio.sleep(0.02)
-            port = server.servers[0].sockets[0].getsockname()[1]
-            url = f"http://{settings.host}:{port}"
+        async with serving(app, sock) as served:
+            url = f"http://{settings.host}:{served.port}"
             log.info("http_serving", url=url, secured=guard.secured)
             on_ready(url)
-            await asyncio.shield(task)  # a stop is ours to order (below), not a cancel of uvicorn
-        finally:
-            gateway.closing.set()
-            server.should_exit = True
-            with contextlib.suppress(BaseException):
-                await asyncio.wait_for(asyncio.shield(task), 5.0)
+            try:
+                await served.until_stopped()
+            finally:
+                gateway.closing.set()  # live feeds end, so that uvicorn can stop at once
     finally:
         await gateway.stop()
         with contextlib.suppress(Exception):

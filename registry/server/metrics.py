@@ -7,13 +7,12 @@ the Registry's own `Latencies`, observed as writes and expiries are
 acknowledged. `collector_registry(registry)` is a dedicated CollectorRegistry
 holding it (never the global one: several registries in one process, as in
 tests, would clash). `serve_metrics(...)` serves any CollectorRegistry on
-`/metrics` with plain asyncio, on the registry's event loop: a scrape never
+`/metrics` with uvicorn on the registry's event loop (registry.asgiserve): a scrape never
 reads state that another thread is changing. Collect on that loop too.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator, Mapping
@@ -24,7 +23,9 @@ from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
+from starlette.types import ASGIApp, Receive, Scope, Send
 
+from registry.asgiserve import listen, serving
 from registry.protocol import WorkerCapability, WorkerInfo, WorkerStatus
 
 if TYPE_CHECKING:
@@ -34,7 +35,6 @@ if TYPE_CHECKING:
 log = structlog.get_logger("registry.metrics")
 
 CONTENT_TYPE: Final = CONTENT_TYPE_PLAIN_0_0_4  # what generate_latest writes
-READ_TIMEOUT_S: Final = 5.0  # a scraper that sends no request in time is dropped
 LATENCY_BUCKETS: Final = (
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
 )  # fmt: skip
@@ -81,7 +81,7 @@ class RegistryCollector:
 
     def collect(self) -> Iterator[Metric]:
         r = self.registry
-        yield from _fleet(r.records())
+        yield from fleet(r.records())
         yield from _events(r.projector.kinds)
         yield from _progress(r.counters())
         yield from r.latencies.collect()
@@ -126,8 +126,9 @@ def render(source: CollectorRegistry) -> tuple[bytes, str]:
 # ---------------------------------------------------------------- families
 
 
-def _fleet(records: Mapping[str, WorkerInfo]) -> Iterator[Metric]:
-    """Workers by status and capability; available and late ones by capability."""
+def fleet(records: Mapping[str, WorkerInfo], prefix: str = "registry") -> Iterator[Metric]:
+    """Workers by status and capability; available and late ones by capability (the
+    gateway reports the bucket it follows under its own prefix)."""
     by_status: Counter[tuple[str, str]] = Counter()
     available: Counter[str] = Counter()
     late: Counter[str] = Counter()
@@ -137,15 +138,15 @@ def _fleet(records: Mapping[str, WorkerInfo]) -> Iterator[Metric]:
         available[cap] += rec.available
         late[cap] += rec.late and rec.live
     workers = GaugeMetricFamily(
-        "registry_workers", "Worker records by status and capability (offline ones until purged)",
+        f"{prefix}_workers", "Worker records by status and capability (offline ones until purged)",
         labels=["status", "capability"],
     )  # fmt: skip
     for status in WorkerStatus:
         for cap in WorkerCapability:
             workers.add_metric([status.value, cap.value], by_status[status, cap])
     yield workers
-    yield _by_capability("registry_workers_available", "Workers a router may pick", available)
-    yield _by_capability("registry_workers_late", "Live workers announced late", late)
+    yield _by_capability(f"{prefix}_workers_available", "Workers a router may pick", available)
+    yield _by_capability(f"{prefix}_workers_late", "Live workers announced late", late)
 
 
 def _by_capability(name: str, doc: str, counts: Counter[str]) -> GaugeMetricFamily:
@@ -215,69 +216,34 @@ def _progress(counters: Mapping[str, int | float]) -> Iterator[Metric]:
 async def serve_metrics(source: CollectorRegistry, host: str, port: int) -> AsyncIterator[int]:
     """Serve `GET /metrics` from `source` on host:port (0: a free port) for the block;
     yields the port. Leaving the block stops listening and drops open connections."""
-    endpoint = _Endpoint(source)
     try:
-        server = await asyncio.start_server(endpoint.answer, host, port)
+        sock = listen(host, port)
     except OSError as e:
-        raise MetricsError(f"metrics on {host}:{port}: {e.strerror or e}") from None
-    try:
-        yield int(server.sockets[0].getsockname()[1])
-    finally:
-        server.close()
-        await endpoint.close()
+        raise MetricsError(f"metrics: {e}") from None
+    async with serving(_endpoint(source), sock, graceful_s=1) as served:
+        yield served.port
 
 
-class _Endpoint:
-    """One request per connection (`Connection: close`); nothing to keep alive."""
+def _endpoint(source: CollectorRegistry) -> ASGIApp:
+    """`GET` or `HEAD /metrics`: the text format, read when asked; 404 or 405 otherwise."""
 
-    def __init__(self, source: CollectorRegistry) -> None:
-        self.source = source
-        self.answering: dict[asyncio.Task[None], asyncio.StreamWriter] = {}
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return
+        status, body, headers = 200, b"", [(b"content-type", CONTENT_TYPE.encode())]
+        if scope["path"] != "/metrics":
+            status, body = 404, b"only /metrics here\n"
+        elif scope["method"] not in ("GET", "HEAD"):
+            status, headers = 405, [*headers, (b"allow", b"GET, HEAD")]
+        else:
+            try:
+                body = render(source)[0]
+            except Exception as e:  # noqa: BLE001 - a collector's bug is one failed scrape
+                log.error("metrics_collect_failed", error=f"{type(e).__name__}: {e}")
+                status = 500
+        headers.append((b"content-length", str(len(body)).encode()))
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body",
+                    "body": b"" if scope["method"] == "HEAD" else body})  # fmt: skip
 
-    async def close(self) -> None:
-        """Cut open connections: their handlers end at once (not cancelled: Python 3.11's
-        streams log a cancelled handler as an error)."""
-        for writer in self.answering.values():
-            writer.transport.abort()
-        if self.answering:
-            await asyncio.wait(set(self.answering), timeout=2.0)
-
-    async def answer(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self.answering[task] = writer
-        try:
-            async with asyncio.timeout(READ_TIMEOUT_S):
-                head = await reader.readuntil(b"\r\n\r\n")
-            writer.write(self._response(head))
-            await writer.drain()
-        except (OSError, TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
-            pass  # the scraper went away, was cut off, or sent nonsense: nothing to answer
-        finally:
-            del self.answering[task]
-            writer.close()
-
-    def _response(self, head: bytes) -> bytes:
-        method, _, rest = head.split(b"\r\n", 1)[0].decode("latin-1").partition(" ")
-        path = rest.partition(" ")[0].partition("?")[0]
-        if path != "/metrics":
-            return _http(404, "Not Found", b"only /metrics here\n", "text/plain; charset=utf-8")
-        if method not in ("GET", "HEAD"):
-            return _http(405, "Method Not Allowed", b"", "text/plain", "Allow: GET, HEAD\r\n")
-        try:
-            body, content_type = render(self.source)
-        except Exception as e:  # noqa: BLE001 - a collector's bug is one failed scrape
-            log.error("metrics_collect_failed", error=f"{type(e).__name__}: {e}")
-            return _http(500, "Internal Server Error", b"", "text/plain")
-        return _http(200, "OK", body, content_type, head_only=method == "HEAD")
-
-
-def _http(
-    code: int, reason: str, body: bytes, content_type: str, extra: str = "",
-    head_only: bool = False,
-) -> bytes:  # fmt: skip
-    head = (
-        f"HTTP/1.1 {code} {reason}\r\nContent-Type: {content_type}\r\n"
-        f"Content-Length: {len(body)}\r\n{extra}Connection: close\r\n\r\n"
-    )
-    return head.encode() + (b"" if head_only else body)
+    return app
