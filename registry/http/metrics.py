@@ -12,38 +12,24 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from registry.protocol import WorkerCapability, WorkerStatus
+from registry.server.metrics import LATENCY_BUCKETS, fleet
 
 if TYPE_CHECKING:
     from registry.http.gateway import Gateway
 
-LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
-
-
 class FleetCollector(Collector):
-    """Workers by status and capability, and available ones, as the gateway sees them."""
+    """The bucket as the gateway follows it: `registry_gateway_workers{status,capability}`,
+    `..._workers_available` and `..._workers_late` by capability (as the registry's own)."""
 
     def __init__(self, gateway: Gateway) -> None:
         self.gateway = gateway
 
-    def collect(self) -> Iterator[GaugeMetricFamily]:
-        by = GaugeMetricFamily("registry_gateway_workers", "Workers in the bucket as this "
-                               "gateway follows it, by status and capability",
-                               labels=["status", "capability"])  # fmt: skip
-        counts = {(s, c): 0 for s in WorkerStatus for c in WorkerCapability}
-        available = 0
-        for r in self.gateway.view.records().values():
-            counts[(r.status, r.registration.capability)] += 1
-            available += r.available
-        for (s, c), n in counts.items():
-            by.add_metric([s.value, c.value], n)
-        yield by
-        yield GaugeMetricFamily("registry_gateway_available_workers",
-                                "Workers available for new work", value=available)  # fmt: skip
+    def collect(self) -> Iterator[Metric]:
+        return fleet(self.gateway.view.records(), prefix="registry_gateway")
 
 
 class HttpMetrics:

@@ -240,9 +240,10 @@ async def test_a_secured_gateway_lets_a_worker_speak_only_for_itself(tmp_path: P
         refused = [s for s in families["registry_http_requests"].samples
                    if s.name.endswith("_total") and s.labels["code"] == "401"]  # fmt: skip
         assert sum(s.value for s in refused) >= 6
-        online = [s for s in families["registry_workers"].samples
-                  if s.labels == {"status": "online", "capability": "gpu"}]  # fmt: skip
-        assert online and online[0].value == 1
+        for family in ("registry_workers", "registry_gateway_workers"):  # registry's, gateway's
+            online = [s for s in families[family].samples
+                      if s.labels == {"status": "online", "capability": "gpu"}]  # fmt: skip
+            assert online and online[0].value == 1, family
 
 
 async def test_open_mode_refuses_to_listen_beyond_loopback(tmp_path: Path) -> None:
