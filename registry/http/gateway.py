@@ -97,10 +97,6 @@ class Gateway:
     def stats(self) -> Stats:
         return self.view.catalog.stats()
 
-    def pick(self, capability: protocol.WorkerCapability | None, content_type: str | None,
-             ) -> WorkerInfo | None:  # fmt: skip
-        return self.view.catalog.pick(capability, content_type)
-
     async def history(self, worker_id: str, limit: int) -> History:
         events = await self._events(worker_id, limit)
         if not events and self.record(worker_id) is None:
