@@ -251,7 +251,12 @@ async def test_open_mode_refuses_to_listen_beyond_loopback(tmp_path: Path) -> No
         *http_command(), "--nats", "nats://127.0.0.1:1", "--host", "0.0.0.0",
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )  # fmt: skip
-    _, err = await asyncio.wait_for(proc.communicate(), 30.0)
+    try:
+        _, err = await asyncio.wait_for(proc.communicate(), 30.0)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
     assert proc.returncode == 2
     assert b"Traceback" not in err and b"--allow-open" in err
 
@@ -298,6 +303,11 @@ async def test_a_taken_port_is_one_line_and_exit_1(nats_server: NatsServer, take
         *http_command(), "--nats", nats_server.url, "--port", str(taken_port),
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )  # fmt: skip
-    _, err = await asyncio.wait_for(proc.communicate(), 30.0)
+    try:
+        _, err = await asyncio.wait_for(proc.communicate(), 30.0)
+    finally:
+        if proc.returncode is None:  # never leave a gateway behind, even when this fails
+            proc.kill()
+            await proc.wait()
     assert proc.returncode == 1
     assert b"Traceback" not in err and str(taken_port).encode() in err.splitlines()[-1]
