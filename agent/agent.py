@@ -19,6 +19,7 @@ from typing import Any, Self
 import structlog
 
 from agent.connection import DRAIN_TIMEOUT_S
+from agent.drain import DrainListener, DrainState
 from agent.probe import Prober
 from agent.runtime import AgentCutOff, AgentError, AgentSuperseded, AgentThread
 from agent.settings import AgentSettings, derive_worker_id
@@ -49,6 +50,7 @@ class Agent:
         self._prober = prober or Prober(self.settings.disk_path)
         self._stats = TaskStats(self.settings.max_concurrent_tasks, self._slots_changed)
         self._status = WorkerStatus.ONLINE
+        self._drain = DrainState()
         self._thread: AgentThread | None = None
 
     @classmethod
@@ -81,7 +83,7 @@ class Agent:
         if self._thread is not None:
             raise AgentError("this agent was already started")
         self._thread = AgentThread(
-            self.settings, self.worker_id, self.incarnation, self._prober, self._stats
+            self.settings, self.worker_id, self.incarnation, self._prober, self._stats, self._drain
         )
         self._thread.start()
         try:
@@ -89,6 +91,32 @@ class Agent:
         except BaseException:
             await self.stop()
             raise
+
+    # ------------------------------------------------------------ drain
+
+    @property
+    def draining(self) -> bool:
+        """True while an operator's drain (`registry drain ID`) stands for this process:
+        finish what runs, take nothing new. An uncordon makes it False again."""
+        return self._drain.draining
+
+    @property
+    def drain_reason(self) -> str:
+        """Who drained this worker and why, as the registry said it ("" when not draining)."""
+        return self._drain.reason
+
+    def on_drain(self, fn: DrainListener) -> None:
+        """Call `fn(draining, reason)` when a drain begins (True) or is lifted (False).
+
+        It runs on the agent's own thread (not the host's event loop) and must return
+        quickly; hand work to your loop with `loop.call_soon_threadsafe`."""
+        self._drain.listen(fn)
+
+    async def drained(self, poll_s: float = 0.2) -> None:
+        """Return once this worker is draining and runs no task (then stop the agent:
+        `await agent.stop(reason="drained")`)."""
+        while not (self._drain.draining and self._stats.snapshot().active == 0):
+            await asyncio.sleep(poll_s)
 
     @property
     def superseded(self) -> bool:
@@ -106,11 +134,13 @@ class Agent:
         # shielded: a cancelled wait must not cancel the thread's own `done`
         await asyncio.shield(asyncio.wrap_future(thread.done))
 
-    async def stop(self) -> None:
-        """Stop heartbeats, unregister (bounded), drain. Harmless to repeat."""
+    async def stop(self, reason: str = "shutdown") -> None:
+        """Stop heartbeats, unregister (bounded, with `reason`), close the connection.
+        Harmless to repeat."""
         thread = self._thread
         if thread is None:
             return
+        thread.leave_reason = reason
         thread.request_stop()
         budget = self.settings.unregister_timeout_s + DRAIN_TIMEOUT_S + 1.0
         try:

@@ -15,7 +15,7 @@ import signal
 import sys
 import time
 from collections.abc import Mapping, Sequence
-from typing import Any, NoReturn, TextIO
+from typing import Any, NamedTuple, NoReturn, TextIO
 
 import msgspec
 import structlog
@@ -93,6 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
         _add_option(probe, field)
     for sub in (run, probe):
         sub.add_argument("--log-level", choices=LOG_LEVELS, help="(env AGENT_LOG_LEVEL, LOG_LEVEL)")
+    run.add_argument("--exit-when-drained", action="store_true", default=None,
+                     help="unregister and exit 0 once an operator drained this worker "
+                          "(registry drain ID) and no task runs (env AGENT_EXIT_WHEN_DRAINED=1)")  # fmt: skip
     return parser
 
 
@@ -104,10 +107,25 @@ def _add_option(parser: argparse.ArgumentParser, field: str) -> None:
     parser.add_argument(flag, dest=field, action=action, metavar=metavar, help=help_text)
 
 
+class Parsed(NamedTuple):
+    settings: BaseModel
+    level: str
+    exit_when_drained: bool = False
+
+
 def parse(argv: Sequence[str] | None, environ: Mapping[str, str]) -> tuple[BaseModel, str]:
     """argv + environment -> (validated settings, log level), or UsageError."""
+    parsed = parse_command(argv, environ)
+    return parsed.settings, parsed.level
+
+
+def parse_command(argv: Sequence[str] | None, environ: Mapping[str, str]) -> Parsed:
+    """argv + environment -> settings, log level and `run`'s own flags, or UsageError."""
     args = vars(build_parser().parse_args(argv))
     command = args.pop("command")
+    exit_when_drained = args.pop("exit_when_drained", None)
+    if exit_when_drained is None:
+        exit_when_drained = _env_flag(environ, "AGENT_EXIT_WHEN_DRAINED")
     level = (args.pop("log_level") or _env_level(environ)).lower()
     if level not in LOG_LEVELS:
         raise UsageError(f"invalid AGENT_LOG_LEVEL {level!r}: use one of {', '.join(LOG_LEVELS)}")
@@ -117,7 +135,16 @@ def parse(argv: Sequence[str] | None, environ: Mapping[str, str]) -> tuple[BaseM
         settings = model.model_validate({k: v for k, v in raw.items() if v is not None})
     except ValidationError as e:
         raise UsageError(describe(e, OPTIONS)) from None
-    return settings, level
+    return Parsed(settings, level, bool(exit_when_drained) and command == "run")
+
+
+def _env_flag(environ: Mapping[str, str], name: str) -> bool:
+    value = environ.get(name, "").strip().lower()
+    if value in ("", "0", "false", "no"):
+        return False
+    if value in ("1", "true", "yes"):
+        return True
+    raise UsageError(f"invalid {name} {environ[name]!r}: use 1 or 0")
 
 
 def _env_level(environ: Mapping[str, str]) -> str:
@@ -167,18 +194,31 @@ def probe_command(settings: ProbeSettings) -> int:
     return 0
 
 
-async def serve(settings: AgentSettings) -> None:
-    """Run the agent until cancelled; leaving the block unregisters."""
+async def serve(settings: AgentSettings, exit_when_drained: bool = False) -> None:
+    """Run the agent until cancelled (or, with `exit_when_drained`, until an operator's
+    drain finds it idle); leaving the block unregisters."""
     async with Agent.from_settings(settings) as agent:
         log.info("agent_running", worker_id=agent.worker_id, incarnation=agent.incarnation)
-        await agent.wait()  # until cancelled, or the agent ends by itself (AgentError)
+        ended = asyncio.ensure_future(agent.wait())
+        drained = asyncio.ensure_future(agent.drained() if exit_when_drained else asyncio.Event().wait())
+        try:
+            await asyncio.wait({ended, drained}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for waiting in (ended, drained):
+                waiting.cancel()
+        if drained.done() and not drained.cancelled():
+            log.info("agent_drained", reason=agent.drain_reason)
+            await agent.stop(reason="drained")
+            return
+        ended.result()  # AgentSuperseded, AgentCutOff, AgentError
         raise AgentError("the agent stopped by itself")
 
 
-async def run_until_signal(settings: AgentSettings) -> int:
-    """`serve` until SIGINT/SIGTERM; a signal is a clean shutdown (0)."""
+async def run_until_signal(settings: AgentSettings, exit_when_drained: bool = False) -> int:
+    """`serve` until SIGINT/SIGTERM; a signal is a clean shutdown (0), and so is a drain
+    with `exit_when_drained`."""
     loop = asyncio.get_running_loop()
-    serving = asyncio.create_task(serve(settings), name="agent")
+    serving = asyncio.create_task(serve(settings, exit_when_drained), name="agent")
     signals = (signal.SIGINT, signal.SIGTERM)
     for sig in signals:
         loop.add_signal_handler(sig, _on_signal, serving, sig)
@@ -209,7 +249,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return simulate.main(args[1:])
     try:
-        settings, level = parse(argv, os.environ)
+        settings, level, exit_when_drained = parse_command(argv, os.environ)
     except UsageError as e:
         print(f"agent: error: {e}", file=sys.stderr)
         return 2
@@ -219,4 +259,4 @@ def main(argv: Sequence[str] | None = None) -> int:
     if isinstance(settings, ProbeSettings):
         return probe_command(settings)
     assert isinstance(settings, AgentSettings)
-    return asyncio.run(run_until_signal(settings))
+    return asyncio.run(run_until_signal(settings, exit_when_drained))

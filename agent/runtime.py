@@ -24,6 +24,7 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
 from agent.connection import Connection
+from agent.drain import DrainState
 from agent.probe import Prober
 from agent.publish import error_text, publish_event
 from agent.settings import AgentSettings, build_registration
@@ -68,9 +69,10 @@ class AgentThread:
     else runs on the agent's own loop (the host reaches it through `submit`)."""
 
     def __init__(self, settings: AgentSettings, worker_id: str, incarnation: str,
-                 prober: Prober, stats: TaskStats) -> None:  # fmt: skip
+                 prober: Prober, stats: TaskStats, drain: DrainState) -> None:  # fmt: skip
         self.s, self.worker_id, self.incarnation = settings, worker_id, incarnation
-        self.prober, self.stats = prober, stats
+        self.prober, self.stats, self.drain = prober, stats, drain
+        self.leave_reason = "shutdown"
         self.status = WorkerStatus.ONLINE
         self.ready: concurrent.futures.Future[None] = concurrent.futures.Future()
         self.done: concurrent.futures.Future[None] = concurrent.futures.Future()
@@ -234,7 +236,7 @@ class AgentThread:
             worker_id=self.worker_id,
             incarnation=self.incarnation,
             sent_at=protocol.utcnow(),
-            reason="shutdown",
+            reason=self.leave_reason,
         )
         budget = self.s.unregister_timeout_s
         try:
@@ -287,6 +289,10 @@ class AgentThread:
             self._reregister.set()
         elif control.action == "superseded" and control.incarnation == self.incarnation:
             self._supersede(control.reason)
+        elif control.action in ("drain", "uncordon") and control.incarnation == self.incarnation:
+            if self.drain.set(control.action == "drain", control.reason):
+                event = "agent_draining" if control.action == "drain" else "agent_drain_lifted"
+                self.log.warning(event, reason=control.reason)
         else:
             self.log.info("control_ignored", action=control.action, reason=control.reason)
 

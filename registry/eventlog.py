@@ -26,11 +26,14 @@ from registry import fold, protocol, timeparse
 from registry.protocol import (
     EVENTS_STREAM,
     BadEvent,
+    CordonEvent,
+    DrainEvent,
     Event,
     ExpiredEvent,
     HeartbeatEvent,
     LateEvent,
     RegisterEvent,
+    UncordonEvent,
     UnregisterEvent,
 )
 
@@ -98,6 +101,9 @@ def summarize(event: Event) -> str:
                 f"late: no heartbeat since {timeparse.format_instant(event.last_heartbeat)} "
                 f"(announced unavailable after {timeparse.format_seconds(event.late_after_s)})"
             )
+        case CordonEvent() | UncordonEvent() | DrainEvent():
+            what = {CordonEvent: "cordoned", UncordonEvent: "uncordoned", DrainEvent: "drained"}
+            return f"{what[type(event)]} by {event.by}: {event.reason or 'no reason given'}"
         case _:
             assert_never(event)
 

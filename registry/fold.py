@@ -17,12 +17,16 @@ from registry.protocol import (
     MIN_TIMEOUT_FACTOR,
     ZERO_METRICS,
     Availability,
+    Cordon,
+    CordonEvent,
+    DrainEvent,
     Event,
     ExpiredEvent,
     HeartbeatEvent,
     LateEvent,
     OfflineReason,
     RegisterEvent,
+    UncordonEvent,
     UnregisterEvent,
     WorkerInfo,
     WorkerStatus,
@@ -66,16 +70,19 @@ Outcome = Applied | Duplicate | Ignored | Unregistered  # Premature is an Ignore
 
 
 def is_available(
-    status: WorkerStatus, live: bool, active: int, max_tasks: int, late: bool = False
-) -> bool:
-    return live and not late and status is WorkerStatus.ONLINE and active < max_tasks
+    status: WorkerStatus, live: bool, active: int, max_tasks: int, late: bool = False,
+    cordoned: bool = False,
+) -> bool:  # fmt: skip
+    return (
+        live and not late and not cordoned and status is WorkerStatus.ONLINE and active < max_tasks
+    )
 
 
 def _with(record: WorkerInfo, seq: int, **changes: object) -> WorkerInfo:
     new = msgspec.structs.replace(record, event_seq=seq, version=record.version + 1, **changes)
     available = is_available(
         new.status, new.live, new.metrics.active_tasks, new.registration.max_concurrent_tasks,
-        new.late,
+        new.late, new.cordon is not None,
     )  # fmt: skip
     return msgspec.structs.replace(new, available=available)
 
@@ -94,6 +101,7 @@ def _register(record: WorkerInfo | None, e: RegisterEvent, seq: int, at: datetim
         version=record.version if record else 0,
         heartbeat_interval_s=e.heartbeat_interval_s,
         last_heartbeat_seq=seq,
+        cordon=record.cordon if record else None,  # an operator's cordon outlives a restart
     )
     return Applied(_with(fresh, seq))
 
@@ -151,6 +159,40 @@ def _late(record: WorkerInfo | None, e: LateEvent, seq: int, at: datetime) -> Ou
     return Applied(_with(record, seq, late=True))
 
 
+def _cordon(record: WorkerInfo | None, e: CordonEvent, seq: int, at: datetime) -> Outcome:
+    if record is None:
+        return Ignored("cordon of an unknown worker")
+    if record.cordon is not None and record.cordon.drain:
+        return Ignored("already draining (uncordon first to change it)")
+    cordon = Cordon(by=e.by, reason=e.reason, at=at, event_seq=seq)
+    return Applied(_with(record, seq, cordon=cordon))
+
+
+def _drain(record: WorkerInfo | None, e: DrainEvent, seq: int, at: datetime) -> Outcome:
+    if record is None:
+        return Ignored("drain of an unknown worker")
+    incarnation = record.incarnation if record.live else ""
+    if record.cordon is not None and record.cordon.drain and record.cordon.incarnation == incarnation:
+        return Ignored("already draining")
+    cordon = Cordon(by=e.by, reason=e.reason, at=at, drain=True, incarnation=incarnation,
+                    event_seq=seq)  # fmt: skip
+    return Applied(_with(record, seq, cordon=cordon))
+
+
+def _uncordon(record: WorkerInfo | None, e: UncordonEvent, seq: int, at: datetime) -> Outcome:
+    if record is None:
+        return Ignored("uncordon of an unknown worker")
+    if record.cordon is None:
+        return Ignored("not cordoned")
+    return Applied(_with(record, seq, cordon=None))
+
+
+def draining(record: WorkerInfo) -> bool:
+    """The live process of this record was told to finish and leave (and has not yet)."""
+    c = record.cordon
+    return c is not None and c.drain and record.live and c.incarnation == record.incarnation
+
+
 def silence_problem(
     claimed_s: float, least_s: float, last_heartbeat: datetime, stored_at: datetime
 ) -> Premature | None:
@@ -193,6 +235,12 @@ def evolve(record: WorkerInfo | None, event: Event, seq: int, stored_at: datetim
             return _expired(record, event, seq, stored_at)
         case LateEvent():
             return _late(record, event, seq, stored_at)
+        case CordonEvent():
+            return _cordon(record, event, seq, stored_at)
+        case DrainEvent():
+            return _drain(record, event, seq, stored_at)
+        case UncordonEvent():
+            return _uncordon(record, event, seq, stored_at)
         case _:
             assert_never(event)
 
@@ -202,6 +250,8 @@ def availability_reason(record: WorkerInfo) -> str:
         return str(record.offline_reason)
     if record.late:
         return "late"
+    if record.cordon is not None:
+        return "draining" if record.cordon.drain else "cordoned"
     if record.status is not WorkerStatus.ONLINE:
         return str(record.status)
     if record.metrics.active_tasks >= record.registration.max_concurrent_tasks:
@@ -234,4 +284,5 @@ def routing_key(record: WorkerInfo | None) -> tuple[object, ...] | None:
     return (
         record.available, record.status, reg.capability, tuple(reg.supported_content_types),
         reg.max_concurrent_tasks - record.metrics.active_tasks,
+        None if record.cordon is None else record.cordon.drain,
     )  # fmt: skip

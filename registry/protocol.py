@@ -28,7 +28,11 @@ SERVICE_NAME: Final = "worker-registry"
 LEASE_BUCKET: Final = "registry_lease"
 LEASE_KEY: Final = "active"
 
-EVENT_KINDS: Final = ("register", "heartbeat", "unregister", "expired", "late")
+EVENT_KINDS: Final = (
+    "register", "heartbeat", "unregister", "expired", "late", "cordon", "uncordon", "drain",
+)  # fmt: skip
+OPERATOR_KINDS: Final = ("cordon", "uncordon", "drain")
+"""Operator actions: published by people (the operator role), folded like any event."""
 MAX_EVENT_BYTES: Final = 64 * 1024
 
 # Bounds on what an event may claim (anyone who can publish may claim anything).
@@ -259,7 +263,36 @@ class LateEvent(_Model, frozen=True, kw_only=True):
     detected_at: datetime
 
 
-Event = RegisterEvent | HeartbeatEvent | UnregisterEvent | ExpiredEvent | LateEvent
+class OperatorEvent(_Model, frozen=True, kw_only=True):
+    """An operator's action on one worker (`registry cordon | uncordon | drain`).
+
+    `by` is who did it as the publisher states it (in a secured deployment only the
+    operator and admin roles may publish these subjects); `reason` is free text."""
+
+    v: int = SCHEMA_VERSION
+    worker_id: WorkerId
+    by: Name
+    reason: Text = ""
+    sent_at: datetime
+
+
+class CordonEvent(OperatorEvent, frozen=True, kw_only=True):
+    """No new work for this worker; its running tasks go on. Survives restarts of the
+    worker (a new incarnation registers cordoned) until `uncordon`."""
+
+
+class UncordonEvent(OperatorEvent, frozen=True, kw_only=True):
+    """Lift a cordon or a drain: the worker may take work again."""
+
+
+class DrainEvent(OperatorEvent, frozen=True, kw_only=True):
+    """Cordon, and tell the worker's agent to finish what it runs and leave."""
+
+
+Event = (
+    RegisterEvent | HeartbeatEvent | UnregisterEvent | ExpiredEvent | LateEvent
+    | CordonEvent | UncordonEvent | DrainEvent
+)  # fmt: skip
 
 EVENT_TYPES: Final[dict[str, type[Event]]] = {
     "register": RegisterEvent,
@@ -267,6 +300,9 @@ EVENT_TYPES: Final[dict[str, type[Event]]] = {
     "unregister": UnregisterEvent,
     "expired": ExpiredEvent,
     "late": LateEvent,
+    "cordon": CordonEvent,
+    "uncordon": UncordonEvent,
+    "drain": DrainEvent,
 }
 EVENT_KIND: Final[dict[type[Event], str]] = {t: k for k, t in EVENT_TYPES.items()}
 
@@ -342,6 +378,17 @@ def encode(obj: object) -> bytes:
 # ---------------------------------------------------------------- the bucket record
 
 
+class Cordon(_Model, frozen=True, kw_only=True):
+    """Why a worker takes no new work: an operator cordoned or drained it."""
+
+    by: Name
+    reason: Text = ""
+    at: datetime  # when JetStream stored the operator's event
+    drain: bool = False
+    incarnation: str = ""  # drain: the process told to finish and leave ("" if none was live)
+    event_seq: Seq = 0  # the operator event's sequence in WORKER_EVENTS
+
+
 class WorkerInfo(_Model, frozen=True, kw_only=True):
     """The value of key <worker_id> in bucket `workers`."""
 
@@ -360,6 +407,7 @@ class WorkerInfo(_Model, frozen=True, kw_only=True):
     last_heartbeat_seq: Seq = 0
     offline_at: datetime | None = None
     late: bool = False
+    cordon: Cordon | None = None
 
     @property
     def worker_id(self) -> str:

@@ -38,7 +38,7 @@ from registry.connect import (
     is_refused,
 )
 from registry.eventlog import EventLogError, EventQuery, read_events
-from registry.ops import watch
+from registry.ops import actions, watch
 from registry.ops.explain import explanation, replay, verdict
 from registry.ops.render import events_table, workers_table
 from registry.protocol import WorkerCapability, WorkerInfo, WorkerStatus
@@ -50,6 +50,11 @@ SERVICE_TIMEOUT_S: Final = 0.5
 EXPLAIN_EVENTS: Final = 10_000
 
 Command = Callable[[argparse.Namespace], Awaitable[int]]
+ACTIONS: Final = {
+    "cordon": "no new work for a worker (running tasks go on), with --reason; until uncordon",
+    "uncordon": "lift a cordon or a drain: the worker may take work again",
+    "drain": "cordon a worker and tell its agent to finish its tasks and leave",
+}
 
 
 class OpsError(Exception):
@@ -89,6 +94,8 @@ def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
     command("explain", _explain, "say in plain words why a worker is in its state").add_argument(
         "id", metavar="ID", type=_worker_id
     )
+    for action, text in ACTIONS.items():
+        actions.add_arguments(command(action, _action(action), text), _worker_id)
     watch = command("watch", _watch, "live view of the fleet, redrawn as it changes")
     _filters(watch)
     watch.add_argument("--duration", type=_positive(float), metavar="S",
@@ -374,6 +381,37 @@ async def _explain(args: argparse.Namespace) -> int:
         return 0
     print(explanation(args.id, record, state, lines))
     return 0
+
+
+# ---------------------------------------------------------------- cordon, uncordon, drain
+
+
+def _action(action: str) -> Command:
+    async def act(args: argparse.Namespace) -> int:
+        by = actions.operator_name(args)
+        async with connected(args) as nc:
+            record = await load_record(nc, args.id)
+            if why := actions.refusal(action, record, args.id):
+                raise OpsError(why)
+            try:
+                seq = await actions.publish(nc, action, args.id, by, args.reason)
+            except nats.errors.NoRespondersError:
+                raise OpsError(f"no stream takes worker.{action}.*: is the registry of this "
+                               "version provisioned here (registry up)?") from None  # fmt: skip
+            except nats.js.errors.APIError as e:
+                raise OpsError(f"{action} refused: {e.description or e}") from None
+            if args.no_wait:
+                print(f"{action} of {args.id} stored (event {seq})")
+                return 0
+            after = await actions.folded(nc, args.id, seq, actions.FOLD_WAIT_S)
+        line = actions.outcome_line(action, args.id, after, seq)
+        if args.json:
+            emit({"worker_id": args.id, "action": action, "event_seq": seq, "record": after})
+        else:
+            actions.print_outcome(line, after)
+        return 0
+
+    return act
 
 
 # ---------------------------------------------------------------- watch

@@ -71,7 +71,7 @@ def _applied(before: WorkerInfo | None, after: WorkerInfo, e: StoredEvent) -> st
             return (f"re-registered by a new process (incarnation {before.incarnation[:8]} is "
                     f"superseded and told so): {e.summary}")  # fmt: skip
         return e.summary
-    if e.kind in ("unregister", "expired", "late"):
+    if e.kind in ("unregister", "expired", "late", *protocol.OPERATOR_KINDS):
         return e.summary
     if before is None or not before.live:
         after_what = before.offline_reason if before else "nothing"
@@ -87,13 +87,27 @@ def availability_text(r: WorkerInfo) -> str:
     reason = fold.availability_reason(r)
     if r.available:
         return f"available: {r.status}, {tasks}"
+    if r.cordon is not None:
+        return f"not available: {cordon_text(r.cordon)}, {tasks}"
     if reason == "full":
         return f"not available: full, {tasks}"
     return f"not available: status {reason}" if r.live else f"not available: {reason}"
 
 
+def cordon_text(c: protocol.Cordon, live: bool = True) -> str:
+    """`cordoned by alice at 14:05:09, reason: disk replacement`."""
+    what = ("draining" if live else "drained") if c.drain else "cordoned"
+    why = f", reason: {c.reason}" if c.reason else ""
+    return f"{what} by {c.by} at {_when(c.at)}{why}"
+
+
 def verdict(r: WorkerInfo, events: list[StoredEvent], at: datetime) -> str:
     """One sentence: the state now and its cause."""
+    held = f"; {cordon_text(r.cordon, r.live)}" if r.cordon is not None else ""
+    return _verdict(r, events, at) + (held if r.offline_reason is not None else "")
+
+
+def _verdict(r: WorkerInfo, events: list[StoredEvent], at: datetime) -> str:
     last = _last_event_of(events, r.offline_reason)
     if r.offline_reason is protocol.OfflineReason.EXPIRED:
         timeout = f"timeout {timeparse.format_seconds(last.timeout_s)}; " if last else ""

@@ -33,6 +33,7 @@ from registry.fold import (
     Premature,
     Unregistered,
     availability,
+    draining,
     evolve,
     routing_key,
 )
@@ -41,6 +42,7 @@ from registry.protocol import (
     EVENT_TYPES,
     BadEvent,
     Control,
+    Cordon,
     Event,
     HeartbeatEvent,
     LateEvent,
@@ -71,6 +73,13 @@ CLOCK_READ_EVERY_S = 5.0  # the server's `ts`, also while events keep coming
 
 
 STREAM_CLOCK_SLACK: Final = timedelta(seconds=2)  # stored times vs the stream's creation
+CONTROL_EVERY_S: Final = {"drain": 5.0}
+"""The least time between two control messages of an action to one process (default 1 s):
+a drain is repeated on the heartbeats of a worker that is finishing its work."""
+
+
+def _said(cordon: Cordon) -> str:
+    return f"drained by {cordon.by}" + (f": {cordon.reason}" if cordon.reason else "")
 
 
 def _last_stored(record: WorkerInfo) -> datetime:
@@ -381,6 +390,7 @@ class Projector:
                     self._supersede(wid, record.incarnation, new.incarnation, stored_at, batch)
                 batch.before.setdefault(wid, routing_key(record))
                 self._stage(wid, new, batch, stored_at)
+                self._tell_drain(wid, record, new, stored_at, batch)
                 self.counters.events_applied += fresh
                 self.kinds.applied[kind] += fresh
                 log.debug("event_applied", seq=seq, worker_id=wid, status=str(new.status))
@@ -499,6 +509,23 @@ class Projector:
         reason = f"worker id {wid} was registered by another process (incarnation {newer})"
         batch.controls[wid] = Control(action="superseded", reason=reason, incarnation=older)
 
+    def _tell_drain(
+        self, wid: str, before: WorkerInfo | None, after: WorkerInfo, stored_at: datetime,
+        batch: _Batch,
+    ) -> None:  # fmt: skip
+        """A drained worker's agent is told to finish and leave: when the drain is folded,
+        and again on its heartbeats (a message on core NATS may be missed) until it has
+        left. An uncordon lifts it."""
+        if not self._recent(stored_at):
+            return
+        cordon = after.cordon
+        if cordon is not None and draining(after):
+            batch.controls[wid] = Control(action="drain", reason=_said(cordon),
+                                          incarnation=after.incarnation)  # fmt: skip
+        elif before is not None and draining(before) and after.cordon is None:
+            batch.controls[wid] = Control(action="uncordon", reason="the drain was lifted",
+                                          incarnation=before.incarnation)  # fmt: skip
+
     async def _send_controls(self, batch: _Batch) -> None:
         now = time.monotonic()
         if len(self._last_control) > 100_000:
@@ -507,7 +534,7 @@ class Projector:
         for wid, control in batch.controls.items():
             self.link.fence()
             key = (wid, control.action, control.incarnation)
-            if now - self._last_control.get(key, -1e9) < 1.0:
+            if now - self._last_control.get(key, -1e9) < CONTROL_EVERY_S.get(control.action, 1.0):
                 continue
             self._last_control[key] = now
             await self.nc.publish(control_subject(wid), encode(control))

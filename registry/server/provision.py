@@ -12,9 +12,10 @@ from collections.abc import Iterator
 from contextvars import ContextVar
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, Final
 
 import msgspec
+import structlog
 from nats.aio.client import Client
 
 from registry import protocol
@@ -25,6 +26,7 @@ STREAM_FILES = (
     "kv/registry_lease.json",
 )  # fmt: skip
 CONSUMER_FILE = "consumers/registry-projector.json"
+log = structlog.get_logger("registry.provision")
 STREAM_EXISTS = 10058
 API_TIMEOUT_S = 1.0  # short: a request lost in a restart or an election is asked again
 MAX_PATIENCE_S = 10.0
@@ -119,12 +121,39 @@ def config_diff(
     ]
 
 
+def grown(wanted: dict[str, Any], actual: dict[str, Any]) -> dict[str, Any]:
+    """What an older deployment's stream lacks that the contract only added (it grows,
+    never renames): subjects added to the list, and flags turned on. Updated in place."""
+    growth: dict[str, Any] = {}
+    have = actual.get("subjects") or []
+    if set(have) < set(wanted.get("subjects") or []):
+        growth["subjects"] = have + [s for s in wanted["subjects"] if s not in have]
+    for flag in GROWABLE_FLAGS:
+        if wanted.get(flag) is True and not actual.get(flag):
+            growth[flag] = True
+    return growth
+
+
+GROWABLE_FLAGS: Final = ("allow_msg_ttl",)
+
+
 async def ensure_stream(nc: Client, cfg: dict[str, Any]) -> bool:
-    """Create the stream, or check that the existing one matches. True if created."""
+    """Create the stream, or check that the existing one matches (growing an older
+    deployment's in place: see `grown`). True if created."""
     name = cfg["name"]
     info = await api(nc, f"STREAM.INFO.{name}")
     if "error" not in info:
-        diff = config_diff(cfg, info["config"])
+        actual = info["config"]
+        if growth := grown(cfg, actual):
+            diff = config_diff(cfg, actual | growth)
+            if not diff:
+                resp = await api(nc, f"STREAM.UPDATE.{name}", actual | growth)
+                if "error" in resp:
+                    why = resp["error"].get("description")
+                    raise ProvisionError(f"cannot update stream {name}: {why}")
+                log.info("stream_grown", stream=name, added=sorted(growth))
+                return False
+        diff = config_diff(cfg, actual)
         if diff:
             raise ProvisionError(f"stream {name} exists with a different config: " + "; ".join(diff))
         return False

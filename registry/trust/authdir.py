@@ -216,6 +216,24 @@ class AuthDir:
         self.write_server_config()
         return hits
 
+    def refresh(self) -> list[str]:
+        """Sign an account again where its roles' permissions differ from this version's
+        (roles.py: an upgrade may grow them, e.g. the operator's cordon and drain), with
+        its revocations kept. Returns the accounts signed again; then push or restart."""
+        with self._locked():
+            changed = []
+            for which in ACCOUNT_FILES:
+                claims = jwt.decode(self.account_jwt(which), verify=False)
+                keys = claims["nats"].get("signing_keys") or []
+                have = {k.get("role"): k.get("template") for k in keys if isinstance(k, dict)}
+                want = {role: template(role) for role in ROLES if account_of(role) == which}
+                if have != want:
+                    self._sign_account(which, self.revocations(which))
+                    changed.append(which)
+            if changed:
+                self.write_server_config()
+            return changed
+
     # ------------------------------------------------------------ reading
 
     @property

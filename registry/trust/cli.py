@@ -155,6 +155,8 @@ def _revoke(args: argparse.Namespace) -> int:
 
 def _push(args: argparse.Namespace) -> int:
     auth = AuthDir(args.dir)
+    for which in auth.refresh():  # made by an older version: its roles grew since
+        print(f"signed the {which} account again with this version's role permissions")
     system_user = argparse.Namespace(**vars(args))  # the same servers and TLS files
     system_user.creds = args.creds or str(auth.root / "system-user.creds")
 

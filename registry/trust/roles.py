@@ -21,6 +21,7 @@ from registry.protocol import (
     BUCKET,
     EVENTS_STREAM,
     LEASE_BUCKET,
+    OPERATOR_KINDS,
     PROJECTOR_CONSUMER,
 )
 
@@ -112,10 +113,12 @@ TEMPLATES: Final[dict[str, dict[str, Any]]] = {
         "pub": {"allow": [*_follow(AVAILABILITY_STREAM), *_SERVICE_READS], "deny": _PROTECTED},
         "sub": {"allow": [INBOX]},
     },
-    # reads events, the bucket and the service; deletes nothing
+    # reads events, the bucket and the service; cordons, uncordons and drains
+    # workers (operator events, folded like any other); deletes nothing
     "operator": {
         "pub": {
             "allow": [
+                *[f"worker.{kind}.*" for kind in OPERATOR_KINDS],
                 *_follow(EVENTS_STREAM, unnamed=False),
                 *_follow(KV_STREAM),
                 *_follow(AVAILABILITY_STREAM),

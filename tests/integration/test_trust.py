@@ -423,6 +423,34 @@ async def test_an_operator_reads_events_and_the_bucket_and_deletes_nothing(
     assert await stored_on(admin.js, "worker.register.w1") == 1
 
 
+@bounded(60)
+async def test_only_operators_cordon_uncordon_and_drain(
+    secured: NatsServer, auth: AuthDir, admin: Client_, registry: Any
+) -> None:
+    await register_as(secured.url, auth, "w1")
+    await eventually(lambda: "w1" in registry.records())
+    action = {"v": 1, "worker_id": "w1", "by": "mallory", "reason": "x",
+              "sent_at": "2026-01-01T00:00:00Z"}  # fmt: skip
+    w1 = await connect_as(secured.url, creds(auth, "agent", "w1"))
+    router = await connect_as(secured.url, creds(auth, "router", "r1"))
+    try:
+        for c in (w1, router):  # not even an agent for its own worker
+            for kind in protocol.OPERATOR_KINDS:
+                assert await refused_publish(c, f"worker.{kind}.w1", action)
+                assert await stored_on(admin.js, f"worker.{kind}.w1") == 0
+    finally:
+        await w1.nc.close()
+        await router.nc.close()
+    assert registry.records()["w1"].cordon is None
+
+    flags = ["--json", "--nats", secured.url, "--creds", str(creds(auth, "operator", "ops1"))]
+    done = await command("cordon", "w1", "--reason", "rack move", *flags)
+    assert done["record"]["cordon"]["by"] == "ops1"  # the name in the credentials
+    assert not registry.records()["w1"].available
+    await command("uncordon", "w1", *flags)
+    assert registry.records()["w1"].cordon is None
+
+
 async def command(*argv: str) -> Any:
     """`registry ARGV` in a child process (the in-process registry logs to our stdout)."""
     proc = await asyncio.create_subprocess_exec(

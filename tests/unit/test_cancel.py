@@ -13,6 +13,7 @@ import asyncio
 from pathlib import Path
 from typing import Any, TypeVar
 
+from agent.drain import DrainState
 from agent.probe import Prober
 from agent.runtime import AgentThread
 from agent.settings import AgentSettings
@@ -67,7 +68,7 @@ async def test_raise_if_cancelled_leaves_an_uncancelled_task_alone() -> None:
 def agent_thread(tmp_path: Path) -> AgentThread:
     settings = AgentSettings(name="w1", heartbeat_interval_s=0.05, disk_path=str(tmp_path))
     prober = Prober(tmp_path, nvml=FakeNvml([]))
-    return AgentThread(settings, "w1", "inc-1", prober, TaskStats())  # never started
+    return AgentThread(settings, "w1", "inc-1", prober, TaskStats(), DrainState())  # never started
 
 
 async def test_the_agents_beat_loop_stops_when_a_pubAck_swallows_the_stop(tmp_path: Path) -> None:

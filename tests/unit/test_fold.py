@@ -16,11 +16,14 @@ from registry.fold import (
     Premature,
     Unregistered,
     availability,
+    draining,
     evolve,
 )
 from registry.protocol import (
     MIN_LATE_FACTOR,
     MIN_TIMEOUT_FACTOR,
+    CordonEvent,
+    DrainEvent,
     Event,
     ExpiredEvent,
     HardwareInfo,
@@ -28,6 +31,7 @@ from registry.protocol import (
     LateEvent,
     OfflineReason,
     RegisterEvent,
+    UncordonEvent,
     UnregisterEvent,
     WorkerCapability,
     WorkerInfo,
@@ -79,6 +83,18 @@ def expire(last: datetime, timeout_s: float = TIMEOUT) -> ExpiredEvent:
 def late(last: datetime, late_after_s: float = LATE) -> LateEvent:
     return LateEvent(worker_id=WID, last_heartbeat=last, late_after_s=late_after_s,
                      detected_at=last)  # fmt: skip
+
+
+def cordon(by: str = "alice", reason: str = "disk") -> CordonEvent:
+    return CordonEvent(worker_id=WID, by=by, reason=reason, sent_at=T0)
+
+
+def drain(by: str = "bob") -> DrainEvent:
+    return DrainEvent(worker_id=WID, by=by, reason="update", sent_at=T0)
+
+
+def uncordon() -> UncordonEvent:
+    return UncordonEvent(worker_id=WID, by="carol", sent_at=T0)
 
 
 def run(events: list[Event], start: int = 1) -> tuple[WorkerInfo | None, list[Outcome]]:
@@ -239,6 +255,45 @@ def test_forged_verdicts_right_after_a_beat_leave_the_worker_available() -> None
     assert rec is not None and rec.live and rec.available and not rec.late
 
 
+# ---------------------------------------------------------------- operator actions
+
+
+def test_a_cordoned_worker_is_unavailable_with_who_when_and_why_and_keeps_its_tasks() -> None:
+    rec, _ = run([register(), beat(active=1), cordon()])
+    assert rec is not None and rec.live and not rec.available
+    assert rec.cordon is not None and (rec.cordon.by, rec.cordon.reason) == ("alice", "disk")
+    assert rec.cordon.at == at(3) and rec.cordon.event_seq == 3 and not rec.cordon.drain
+    assert availability(rec).reason == "cordoned" and rec.metrics.active_tasks == 1
+    rec, _ = run([register(), beat(active=1), cordon(), beat(active=0)])
+    assert rec is not None and not rec.available and rec.cordon is not None  # beats don't lift it
+
+
+def test_a_cordon_outlives_a_restart_and_an_expiry_until_uncordon() -> None:
+    rec, _ = run([register("a"), cordon(), leave("a"), register("b"), beat("b")])
+    assert rec is not None and rec.live and rec.incarnation == "b"
+    assert rec.cordon is not None and not rec.available
+    rec, outcomes = run([register(), cordon(), uncordon(), uncordon()])
+    assert rec is not None and rec.cordon is None and rec.available
+    assert isinstance(outcomes[-1], Ignored) and "not cordoned" in outcomes[-1].reason
+
+
+def test_a_drain_names_the_live_process_and_a_cordon_cannot_soften_it() -> None:
+    rec, outcomes = run([register("a"), drain(), cordon(), drain()])
+    assert rec is not None and rec.cordon is not None and rec.cordon.drain
+    assert rec.cordon.incarnation == "a" and draining(rec)
+    assert availability(rec).reason == "draining"
+    assert [type(o) for o in outcomes[2:]] == [Ignored, Ignored]
+    rec, _ = run([register("a"), drain(), leave("a"), register("b")])
+    assert rec is not None and rec.cordon is not None and not draining(rec)  # drained; still held
+    rec, _ = run([register("a"), drain(), uncordon()])
+    assert rec is not None and rec.cordon is None and rec.available
+
+
+def test_operator_actions_on_unknown_workers_are_ignored() -> None:
+    for action in (cordon(), drain(), uncordon()):
+        assert isinstance(evolve(None, action, 1, at(1)), Ignored)
+
+
 # ---------------------------------------------------------------- properties
 
 incarnations = st.sampled_from(["a", "b"])
@@ -248,6 +303,7 @@ events = st.one_of(
     incarnations.map(leave),
     st.integers(1, 40).map(lambda i: expire(at(i))),
     st.integers(1, 40).map(lambda i: late(at(i))),
+    st.sampled_from([cordon(), drain(), uncordon()]),
 )
 
 

@@ -28,7 +28,7 @@ def golden(name: str) -> bytes:
     return (GOLDEN / name).read_bytes()
 
 
-@pytest.mark.parametrize("kind", ["register", "heartbeat", "unregister", "expired", "late"])
+@pytest.mark.parametrize("kind", protocol.EVENT_KINDS)
 def test_golden_event_round_trips_unchanged(kind: str) -> None:
     data = golden(f"{kind}.json")
     event = decode_event(f"worker.{kind}.gpu-box-1", data)
@@ -38,7 +38,8 @@ def test_golden_event_round_trips_unchanged(kind: str) -> None:
 
 def test_golden_availability_and_control_round_trip() -> None:
     for name, decoder in (("available.json", AVAILABILITY_DECODER), ("control.json", CONTROL_DECODER),
-                          ("control_superseded.json", CONTROL_DECODER)):  # fmt: skip
+                          ("control_superseded.json", CONTROL_DECODER),
+                          ("control_drain.json", CONTROL_DECODER)):  # fmt: skip
         data = golden(name)
         assert json.loads(encode(decoder.decode(data))) == json.loads(data)
 

@@ -181,3 +181,27 @@ def test_revoking_a_worker_id_leaves_a_router_of_that_name(auth: AuthDir) -> Non
     auth.mint("router", "edge")  # another account: no clash
     assert [i.role for i in auth.revoke("edge", role="agent")] == ["agent"]
     assert [i.role for i in auth.issued() if auth.is_revoked(i)] == ["agent"]
+
+
+def test_an_auth_dir_from_an_older_version_is_signed_again_with_the_grown_roles(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from registry.trust import roles
+
+    older = dict(roles.TEMPLATES)
+    operator = json.loads(json.dumps(older["operator"]))
+    operator["pub"]["allow"] = [s for s in operator["pub"]["allow"] if "cordon" not in s
+                                and "drain" not in s]  # fmt: skip
+    monkeypatch.setitem(roles.TEMPLATES, "operator", operator)
+    auth = AuthDir.init(tmp_path / "auth")
+    auth.mint("agent", "w1")
+    auth.revoke(name="w1")
+    revoked = auth.revocations()
+    monkeypatch.setitem(roles.TEMPLATES, "operator", older["operator"])
+
+    assert auth.refresh() == ["registry"]
+    claims = jwt.decode(auth.account_jwt("registry"), verify=False)
+    (key,) = [k for k in claims["nats"]["signing_keys"] if k["role"] == "operator"]
+    assert "worker.cordon.*" in key["template"]["pub"]["allow"]
+    assert auth.revocations() == revoked  # kept
+    assert auth.refresh() == []  # nothing more to do
