@@ -36,6 +36,14 @@ def _env_float(name: str, default: float) -> float:
         return default
 
 
+def _env_opt(name: str) -> float | None:
+    raw = os.environ.get(name)
+    try:
+        return float(raw) if raw else None
+    except ValueError:
+        return None
+
+
 def add_up(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("up", help="run the registry (embedded nats-server unless --nats)")
     p.add_argument("--nats", default=os.environ.get("NATS_URL"),
@@ -58,6 +66,12 @@ def add_up(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                    default=_env_float("REGISTRY_BRAKE_FRACTION", 0.5),
                    help="hold expiries when more than this share of the fleet goes silent "
                         "(default 0.5; 1 disables)")
+    p.add_argument("--brake-hold", type=float, default=_env_opt("REGISTRY_BRAKE_HOLD_S"),
+                   metavar="S", help="the brake holds expiries S seconds, then releases them at "
+                   "--brake-release-rate (default: 3 timeouts of the held workers)")
+    p.add_argument("--brake-release-rate", type=float,
+                   default=_env_opt("REGISTRY_BRAKE_RELEASE_PER_S"), metavar="N",
+                   help="expiries per second after a hold (default: 1%% of the fleet, at least 1)")
     p.add_argument("--retention", type=float, default=_env_float("REGISTRY_RETENTION_S", 86400.0),
                    help="seconds an offline record stays in the bucket (default 86400)")
     p.add_argument("--replicas", type=int, default=int(os.environ.get("REGISTRY_REPLICAS", 1)),
@@ -159,6 +173,7 @@ def settings_from(args: argparse.Namespace) -> RegistrySettings:
         server_config=server_config,
         timeout_floor_s=args.timeout_floor, timeout_factor=args.timeout_factor,
         late_factor=args.late_factor, brake_fraction=args.brake_fraction,
+        brake_hold_s=args.brake_hold, brake_release_per_s=args.brake_release_rate,
         outage_grace_s=args.outage_grace,
         retention_s=args.retention, replicas=args.replicas, auth=auth_from_args(args),
         instance=args.instance, lease_ttl_s=args.lease_ttl,

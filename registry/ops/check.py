@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import base64
 import json
+from datetime import UTC, datetime
+from typing import Any
 
 import msgspec
 from nats.aio.client import Client
 
 from registry.connect import FAIL_FAST, Auth, NatsOptions, connect
 from registry.protocol import LEASE_DECODER, LEASE_KEY, SERVICE_NAME
+from registry.server.brake import SUBJECT as BRAKE_SUBJECT
 from registry.server.provision import DEFAULT_NAMES, Names, api, config_diff, stream_configs
 
 
@@ -37,10 +40,14 @@ async def check(
             raise Unhealthy(f"projector is {lag} events behind (bound {max_lag})")
         await _answering(nc, timeout_s)
         active = await _active(nc, names)
-        return (
-            f"ok: provisioned, projector caught up ({lag} events behind), service answering; "
+        healthy = (
+            f"provisioned, projector caught up ({lag} events behind), service answering; "
             f"active registry {active}"
         )
+        brake = await brake_state(nc, timeout_s)
+        if brake is not None and brake.get("engaged"):
+            return f"holding expiries: {holding(brake)}; otherwise ok: {healthy}"
+        return f"ok: {healthy}"
     finally:
         await nc.close()
 
@@ -85,11 +92,28 @@ async def _lag(nc: Client, names: Names) -> int:
 async def _answering(nc: Client, timeout_s: float) -> None:
     try:
         reply = await nc.request("registry.stats", b"{}", timeout=timeout_s)
-        stats = json.loads(reply.data)
+        json.loads(reply.data)
     except Exception as e:  # noqa: BLE001 - no responders, timeout, garbage: not answering
         raise Unhealthy(f"no {SERVICE_NAME} service answering ({type(e).__name__})") from None
-    if stats.get("brake_engaged"):
-        raise Unhealthy(
-            f"mass-expiry brake engaged: {stats.get('expiries_held', '?')} expiries held "
-            "(more than half the fleet went silent at once; check the network and agents)"
-        )
+
+
+async def brake_state(nc: Client, timeout_s: float, body: bytes = b"{}") -> dict[str, Any] | None:
+    """The active registry's brake (`registry.brake`), or None when nobody answered."""
+    try:
+        reply = await nc.request(BRAKE_SUBJECT, body, timeout=timeout_s)
+        answer: dict[str, Any] = json.loads(reply.data)
+    except Exception:  # noqa: BLE001 - no responders, timeout, garbage: no answer
+        return None
+    return answer
+
+
+def holding(brake: dict[str, Any]) -> str:
+    """`12 expiries held since 14:05:09 (hold 9s, then 1/s; 3 released so far)`."""
+    since = brake.get("held_since")
+    when = datetime.fromtimestamp(since, UTC).isoformat(timespec="seconds") if since else "?"
+    phase = ("releasing at" if brake.get("phase") == "releasing"
+             else f"hold {brake.get('hold_s') or 0:.0f}s, then")  # fmt: skip
+    return (f"{brake.get('held', '?')} expiries held since {when} ({phase} "
+            f"{brake.get('release_per_s') or 0:g}/s; {brake.get('expiries_released', 0)} "
+            "released so far): much of the fleet went silent at once; check the network "
+            "and the agents, or `registry brake release` if they are gone")  # fmt: skip

@@ -39,6 +39,7 @@ from registry.connect import (
 )
 from registry.eventlog import EventLogError, EventQuery, read_events
 from registry.ops import actions, watch
+from registry.ops.check import brake_state, holding
 from registry.ops.explain import explanation, replay, verdict
 from registry.ops.render import events_table, workers_table
 from registry.protocol import WorkerCapability, WorkerInfo, WorkerStatus
@@ -96,6 +97,10 @@ def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
     )
     for action, text in ACTIONS.items():
         actions.add_arguments(command(action, _action(action), text), _worker_id)
+    brake = command("brake", _brake, "the mass-expiry brake: status, or release what it holds")
+    brake.add_argument("action", choices=("status", "release"), nargs="?", default="status")
+    brake.add_argument("--reason", default="", metavar="TEXT", help="release: why, for the log")
+    brake.add_argument("--by", metavar="NAME", help="release: who (default as for cordon)")
     watch = command("watch", _watch, "live view of the fleet, redrawn as it changes")
     _filters(watch)
     watch.add_argument("--duration", type=_positive(float), metavar="S",
@@ -412,6 +417,33 @@ def _action(action: str) -> Command:
         return 0
 
     return act
+
+
+# ---------------------------------------------------------------- brake
+
+
+async def _brake(args: argparse.Namespace) -> int:
+    body: dict[str, str] = {"action": args.action}
+    if args.action == "release":
+        body |= {"by": actions.operator_name(args)[:256], "reason": args.reason[:1024]}
+    async with connected(args) as nc:
+        answer = await brake_state(nc, SERVICE_TIMEOUT_S * 4, json.dumps(body).encode())
+    if answer is None:
+        raise OpsError("no active registry answered registry.brake (is one running?)")
+    if "error" in answer:
+        raise OpsError(str(answer["error"]))
+    if args.json:
+        emit(answer)
+    elif args.action == "release":
+        print(f"released: {answer.get('released', 0)} held expiries go out now; no brake until "
+              "the fleet settles (a brake window)" if answer.get("released")
+              else "the brake was not holding any expiry; none will be held for a brake window")  # fmt: skip
+    elif answer.get("engaged"):
+        print(f"{answer.get('phase')}: {holding(answer)}")
+    else:
+        print(f"off: no expiry held ({answer.get('expiries_released', 0)} released at the "
+              f"limited rate since the registry started; answered by {answer.get('instance')})")  # fmt: skip
+    return 0
 
 
 # ---------------------------------------------------------------- watch

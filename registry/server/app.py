@@ -13,6 +13,7 @@ from registry.cancel import raise_if_cancelled
 from registry.catalog import Catalog
 from registry.connect import NatsOptions, connect_patiently
 from registry.protocol import WorkerInfo
+from registry.server.brake import answer_brake
 from registry.server.embedded import NatsServer
 from registry.server.follower import Follower
 from registry.server.lease import LeaseKeeper, LeaseLost, instance_name
@@ -87,6 +88,8 @@ class Registry:
             "lates_published": s.lates_published,
             "expiries_held": s.expiries_held,
             "brake_engaged": int(s.brake_engaged),
+            "expiries_released": s.expiries_released,
+            "brake_operator_releases": s.operator_releases,
             "active": int(self.active),
             "lease_epoch": self.keeper.epoch if self.active else 0,
             "terms": self.terms,
@@ -181,6 +184,7 @@ async def serve(
                     client=ServiceClient,
                 )  # fmt: skip
                 service = await start_service(service_nc, registry)
+                await answer_brake(service_nc, registry)
             try:
                 async with registry_metrics(registry, settings.metrics_host, settings.metrics_port):
                     raise_if_cancelled()  # a stop that raced a provisioning reply

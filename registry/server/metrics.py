@@ -188,6 +188,8 @@ _COUNTERS: Final = (
     ("registry_projector_resyncs", "resyncs", "Times the projector reloaded after a fault"),
     ("registry_expiries_published", "expiries_published", "Expiries the sweeper stored"),
     ("registry_lates_published", "lates_published", "Late notices the sweeper stored"),
+    ("registry_expiries_released", "expiries_released",
+     "Expiries let through at the brake's limited rate after a hold"),
     ("registry_terms", "terms", "Times this process became the active registry"),
 )  # fmt: skip
 _GAUGES: Final = (

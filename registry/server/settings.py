@@ -35,6 +35,18 @@ class RegistrySettings(BaseModel):
     brake_fraction: float = Field(default=0.5, gt=0.0, le=1.0, description="1 disables")
     brake_min_fleet: int = Field(default=10, ge=1)
     brake_window_s: float = Field(default=30.0, gt=0)
+    brake_hold_timeouts: float = Field(
+        default=3.0, ge=0.0, le=1000.0,
+        description="the brake holds expiries this many timeouts (of the longest among "
+        "the held workers), then releases them at brake_release_per_s",
+    )  # fmt: skip
+    brake_hold_s: float | None = Field(
+        default=None, ge=0.0, le=86400.0, description="a hold of this many seconds instead"
+    )
+    brake_release_per_s: float | None = Field(
+        default=None, gt=0.0, le=1e6,
+        description="expiries per second after the hold (None: 1% of the fleet, at least 1)",
+    )  # fmt: skip
     retention_s: float = Field(default=86400.0, gt=0)
     batch_size: int = Field(default=4096, ge=1, le=20000)
     replicas: int = Field(default=1, ge=1, le=5)

@@ -12,6 +12,11 @@ A worker more than `late_factor` intervals behind is announced late
 (unavailable) first; its next heartbeat makes it available again. When more
 than `brake_fraction` of the fleet would expire at once, expiries are held and
 the registry says so loudly: it suspects itself before it declares a fleet dead.
+The hold is bounded: after `brake_hold_timeouts` timeouts (or `brake_hold_s`) the
+held expiries are released at `brake_release_per_s`, oldest silence first, as
+Kubernetes' node lifecycle controller evicts at a limited rate from an unhealthy
+zone; a worker that beats again meanwhile is not expired; an operator who knows
+the workers are gone releases them at once (`registry brake release`).
 """
 
 from __future__ import annotations
@@ -69,8 +74,16 @@ class Sweeper:
         self.lates_published = 0
         self.expiries_held = 0
         self.brake_engaged = False
+        self.held_since: float | None = None  # server time the current hold began
+        self.hold_s = 0.0  # how long this hold lasts before expiries are released
+        self.expiries_released = 0  # let through at the limited rate after a hold
+        self.operator_releases = 0
+        self._released_until = 0.0  # an operator's release: no brake until then
+        self._tokens = 0.0  # the release rate's bucket
+        self._tokens_at = 0.0
         self.on_detected = on_detected  # seconds from a worker's deadline to its expiry stored
         self._recent: deque[float] = deque()
+        self._held: set[str] = set()  # workers whose expiry the brake holds now
         self._silent: dict[str, float] = {}  # past their late deadline: id -> judged heartbeat
         self._last_hold_log = 0.0
         self._wake = asyncio.Event()
@@ -131,6 +144,7 @@ class Sweeper:
         max(its span, `grace_s`) from then."""
         wid = record.worker_id
         last = record.last_heartbeat.timestamp()
+        self._held.discard(wid)  # judged afresh from this record
         if self._silent.get(wid, last) != last or not record.live:
             self._silent.pop(wid, None)
         if not record.live:
@@ -181,6 +195,7 @@ class Sweeper:
         self.heap = DeadlineHeap()
         self.late_heap = DeadlineHeap()
         self._silent.clear()
+        self._held.clear()
         for record in self.records().values():
             self._arm(record, grace_until=now, grace_s=grace_s)
         log.info("sweeper_started", workers=len(self.heap), server_time=now,
@@ -208,9 +223,10 @@ class Sweeper:
             if record.available:  # a late notice only matters to routers
                 events.append((self._late_event(record, now), record))
         overdue = self._still_due(self.heap.pop_due(now))
-        if not ((overdue or self.brake_engaged) and self._hold(overdue, now)):
-            events += [(self._expired_event(self.records()[d.worker_id], now),
-                        self.records()[d.worker_id]) for d in overdue]  # fmt: skip
+        if overdue or self.brake_engaged:
+            overdue = self._brake(overdue, now)
+        events += [(self._expired_event(self.records()[d.worker_id], now),
+                    self.records()[d.worker_id]) for d in overdue]  # fmt: skip
         if events:
             await self._publish(events)
 
@@ -221,6 +237,7 @@ class Sweeper:
         for due in dues:
             record = records.get(due.worker_id)
             if record is None or not record.live:
+                self._held.discard(due.worker_id)
                 continue
             if record.last_heartbeat.timestamp() != due.last_heartbeat:
                 self._arm(record, grace_until=0.0)
@@ -228,28 +245,94 @@ class Sweeper:
             kept.append(due)
         return kept
 
-    def _hold(self, overdue: list[Due], now: float) -> bool:
-        """The mass-expiry brake: hold these expiries if too much of the fleet dies at once."""
+    def _brake(self, overdue: list[Due], now: float) -> list[Due]:
+        """The mass-expiry brake: which of these expiries go out now. When too much of
+        the fleet dies at once, none for the hold, then a limited rate; the rest are
+        judged again shortly (unless they beat meanwhile)."""
         s = self.settings
         while self._recent and self._recent[0] < now - s.brake_window_s:
             self._recent.popleft()
         live = len(self.heap) + len(overdue)
         silent = len(self._silent) + sum(d.worker_id not in self._silent for d in overdue)
-        engaged = brake_engaged(silent, live, len(self._recent), s.brake_fraction,
-                                s.brake_min_fleet)  # fmt: skip
-        if engaged:
-            for due in overdue:  # judged again shortly, unless they beat meanwhile
-                self.heap.set(due.worker_id, due.last_heartbeat, now + HOLD_RECHECK_S)
-            self.expiries_held = len(overdue)
-            if not self.brake_engaged or time.monotonic() - self._last_hold_log > HOLD_LOG_EVERY_S:
-                self._last_hold_log = time.monotonic()
-                log.error("mass_expiry_held", overdue=len(overdue), silent=silent, live=live,
-                          recently_expired=len(self._recent), fraction=s.brake_fraction)  # fmt: skip
-        elif self.brake_engaged:
-            log.warning("mass_expiry_released", overdue=len(overdue), silent=silent, live=live)
-            self.expiries_held = 0
-        self.brake_engaged = engaged
-        return engaged
+        engaged = now >= self._released_until and brake_engaged(
+            silent, live, len(self._recent), s.brake_fraction, s.brake_min_fleet
+        )
+        if not engaged:
+            if self.brake_engaged:
+                log.warning("mass_expiry_released", overdue=len(overdue), silent=silent,
+                            live=live, by_operator=now < self._released_until)  # fmt: skip
+            self.brake_engaged, self.held_since, self.expiries_held = False, None, 0
+            self._held.clear()
+            return overdue
+        if self.held_since is None:
+            self.held_since, self.hold_s = now, self._hold_span(overdue)
+            self._tokens, self._tokens_at = 1.0, now + self.hold_s  # one at the hold's end
+        self.brake_engaged = True
+        let: list[Due] = []
+        if now >= self.held_since + self.hold_s:  # the hold is over: a limited rate
+            rate = self.release_rate(live + len(self._recent))
+            self._tokens = min(max(rate, 1.0), self._tokens + (now - self._tokens_at) * rate)
+            self._tokens_at = now
+            overdue.sort(key=lambda d: d.last_heartbeat)  # the longest silent first
+            let = overdue[: int(self._tokens)]
+            self._tokens -= len(let)
+            self.expiries_released += len(let)
+            overdue = overdue[len(let) :]
+            again = now + min(HOLD_RECHECK_S, 1.0 / rate)
+        else:
+            again = min(now + HOLD_RECHECK_S, self.held_since + self.hold_s)
+        for due in overdue:  # judged again shortly, unless they beat meanwhile
+            self.heap.set(due.worker_id, due.last_heartbeat, again)
+            self._held.add(due.worker_id)
+        self._held.difference_update(d.worker_id for d in let)
+        self.expiries_held = len(self._held)
+        if time.monotonic() - self._last_hold_log > HOLD_LOG_EVERY_S or let and not overdue:
+            self._last_hold_log = time.monotonic()
+            log.error("mass_expiry_held" if not let else "mass_expiry_releasing",
+                      held=len(self._held), released_now=len(let), silent=silent, live=live,
+                      recently_expired=len(self._recent), fraction=s.brake_fraction,
+                      held_for_s=round(now - self.held_since, 1), hold_s=round(self.hold_s, 1),
+                      release_per_s=self.release_rate(live + len(self._recent)))  # fmt: skip
+        return let
+
+    def _hold_span(self, overdue: list[Due]) -> float:
+        s = self.settings
+        if s.brake_hold_s is not None:
+            return s.brake_hold_s
+        records = self.records()
+        longest = max((self.timeout_of(records[d.worker_id]) for d in overdue
+                       if d.worker_id in records), default=s.timeout_floor_s)  # fmt: skip
+        return s.brake_hold_timeouts * longest
+
+    def release_rate(self, fleet: int) -> float:
+        """Expiries per second once a hold is over."""
+        rate = self.settings.brake_release_per_s
+        return rate if rate is not None else max(1.0, 0.01 * fleet)
+
+    def release(self) -> int:
+        """An operator says the silent workers are gone: expire every held one now, and
+        do not brake again for a brake window. Returns how many were held."""
+        now = self._now()
+        held = self.expiries_held if self.brake_engaged else 0
+        self._released_until = now + max(self.settings.brake_window_s, self.hold_s)
+        self.operator_releases += 1
+        self._wake.set()  # the held are judged again within HOLD_RECHECK_S, unbraked
+        return held
+
+    def brake(self) -> dict[str, object]:
+        """The brake's state, for `registry brake status` and `registry check`."""
+        now = self._now()
+        phase = "off"
+        if self.brake_engaged and self.held_since is not None:
+            phase = "holding" if now < self.held_since + self.hold_s else "releasing"
+        fleet = len(self.heap) + len(self._recent)
+        return {
+            "phase": phase, "engaged": self.brake_engaged, "held": self.expiries_held,
+            "held_since": self.held_since, "hold_s": self.hold_s if self.held_since else None,
+            "release_per_s": self.release_rate(fleet), "expiries_released": self.expiries_released,
+            "operator_released_until": self._released_until if now < self._released_until else None,
+            "operator_releases": self.operator_releases,
+        }  # fmt: skip
 
     # ------------------------------------------------------------ events
 

@@ -3,12 +3,15 @@ mass expiry is held while the registry suspects itself."""
 
 from __future__ import annotations
 
+import asyncio
+import sys
 from typing import Any
 
 from nats.aio.client import Client
 from nats.js import JetStreamContext
 from structlog.testing import capture_logs
 
+from registry.eventlog import EventQuery, read_events
 from registry.server.embedded import NatsServer
 from tests.conftest import eventually
 from tests.integration.registry_helpers import (
@@ -88,7 +91,8 @@ async def test_mass_expiry_is_held_and_released_when_the_fleet_beats_again(
     js = nc.jetstream()
     steady = {f"s{i}": new_incarnation() for i in range(4)}
     silent = {f"q{i}": new_incarnation() for i in range(8)}
-    settings = {"timeout_floor_s": 0.1, "brake_min_fleet": 10, "caught_up": True}
+    settings = {"timeout_floor_s": 0.1, "brake_min_fleet": 10, "caught_up": True,
+                "brake_hold_s": 30.0}  # fmt: skip
     with capture_logs() as logs:
         async with running_registry(nats_server.url, **settings) as reg:  # type: ignore[arg-type]
             await _register(js, {**steady, **silent})
@@ -115,3 +119,84 @@ async def test_a_few_deaths_in_a_large_fleet_expire_normally(
         async with Beater(js, steady, interval_s=INTERVAL / 2):
             await eventually(lambda: reg.counters()["expiries_published"] == 2, timeout=5)
         assert reg.counters()["brake_engaged"] == 0
+
+
+async def _expiry_times(nc: Client) -> list[float]:
+    """Stored times of every worker.expired.* event, oldest first."""
+    events = await read_events(nc, EventQuery(kind="expired", limit=1000))
+    return sorted(e.time.timestamp() for e in events)
+
+
+@bounded(90)
+async def test_a_fleet_that_dies_for_good_is_held_then_expired_at_the_stated_rate(
+    nats_server: NatsServer, nc: Client
+) -> None:
+    """60% of the fleet dies for good: no expiry during the hold, then one at a time at
+    the configured rate; the living are never expired."""
+    js = nc.jetstream()
+    steady = {f"s{i}": new_incarnation() for i in range(8)}
+    dead = {f"d{i:02}": new_incarnation() for i in range(12)}
+    hold_s, rate = 3.0, 4.0
+    settings = {"timeout_floor_s": 0.1, "brake_min_fleet": 10, "caught_up": True,
+                "brake_hold_s": hold_s, "brake_release_per_s": rate}  # fmt: skip
+    async with running_registry(nats_server.url, **settings) as reg:  # type: ignore[arg-type]
+        await _register(js, {**steady, **dead})
+        async with Beater(js, steady, interval_s=INTERVAL / 2):
+            await eventually(lambda: reg.sweeper.held_since is not None, timeout=10)
+            held_since = reg.sweeper.held_since
+            assert held_since is not None
+            code, out, _ = await _registry_cli(nats_server.url, "brake", "status")
+            assert code == 0 and out.startswith("holding: ")
+            await eventually(lambda: reg.counters()["expiries_published"] >= len(dead), timeout=40)
+            await asyncio.sleep(1.0)
+            assert await expired_events(js) == len(dead)  # and none of the living
+    times = await _expiry_times(nc)
+    assert len(times) == len(dead)
+    assert times[0] >= held_since + hold_s - 0.3  # nothing during the hold (clock slack)
+    burst = max(rate, 1.0)  # the rate's bucket holds at most this many
+    for i, t in enumerate(times):  # never faster than the rate
+        assert t - times[0] >= (i - burst) / rate - 0.05, (i, t - times[0])
+    for wid in steady:
+        rec = await record(js, wid)
+        assert rec is not None and rec["offline_reason"] is None
+
+
+@bounded(60)
+async def test_an_operator_releases_the_brake_and_the_silent_expire_at_once(
+    nats_server: NatsServer, nc: Client
+) -> None:
+    js = nc.jetstream()
+    steady = {f"s{i}": new_incarnation() for i in range(4)}
+    silent = {f"q{i}": new_incarnation() for i in range(8)}
+    settings = {"timeout_floor_s": 0.1, "brake_min_fleet": 10, "caught_up": True,
+                "brake_hold_s": 600.0}  # fmt: skip
+    with capture_logs() as logs:
+        async with running_registry(nats_server.url, **settings) as reg:  # type: ignore[arg-type]
+            await _register(js, {**steady, **silent})
+            async with Beater(js, steady, interval_s=INTERVAL / 2):
+                await eventually(lambda: reg.counters()["brake_engaged"] == 1, timeout=10)
+                await eventually(lambda: reg.counters()["expiries_held"] == len(silent), timeout=10)
+                assert await expired_events(js) == 0
+                code, out, err = await _registry_cli(
+                    nats_server.url, "brake", "release", "--reason", "zone lost", "--by", "dana"
+                )
+                assert code == 0, err
+                assert out.startswith(f"released: {len(silent)} held expiries")
+                await eventually(lambda: reg.counters()["expiries_published"] == len(silent),
+                                 timeout=10)  # fmt: skip
+                assert reg.counters()["brake_engaged"] == 0
+                code, out, _ = await _registry_cli(nats_server.url, "brake")
+                assert code == 0 and out.startswith("off:")
+    assert await expired_events(js) == len(silent)
+    released = [e for e in logs if e["event"] == "brake_released_by_operator"]
+    assert released and released[0]["by"] == "dana" and released[0]["reason"] == "zone lost"
+
+
+async def _registry_cli(url: str, *argv: str) -> tuple[int, str, str]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "registry.cli", *argv, "--nats", url,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    out, err = await asyncio.wait_for(proc.communicate(), 30)
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()

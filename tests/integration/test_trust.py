@@ -438,6 +438,8 @@ async def test_only_operators_cordon_uncordon_and_drain(
             for kind in protocol.OPERATOR_KINDS:
                 assert await refused_publish(c, f"worker.{kind}.w1", action)
                 assert await stored_on(admin.js, f"worker.{kind}.w1") == 0
+            with pytest.raises((nats.errors.TimeoutError, nats.errors.NoRespondersError)):
+                await c.nc.request("registry.brake", b'{"action": "release"}', timeout=NO_ANSWER_S)
     finally:
         await w1.nc.close()
         await router.nc.close()
@@ -449,6 +451,8 @@ async def test_only_operators_cordon_uncordon_and_drain(
     assert not registry.records()["w1"].available
     await command("uncordon", "w1", *flags)
     assert registry.records()["w1"].cordon is None
+    assert (await command("brake", "release", *flags))["action"] == "release"
+    assert registry.sweeper.operator_releases == 1  # the operator's, not the others'
 
 
 async def command(*argv: str) -> Any:
