@@ -497,7 +497,7 @@ async def test_unknown_event_kinds_get_no_stream_ack_and_nothing_lands(
     js = nc.jetstream()
     await provision(nc)
     before = await _stored_total(js)
-    for subject in ["worker.bogus.w1", "worker.cordon.w1", "worker.Heartbeat.w1",
+    for subject in ["worker.bogus.w1", "worker.reboot.w1", "worker.Heartbeat.w1",
                     "worker.heartbeat.w1.extra", "worker.heartbeat", "workers.heartbeat.w1"]:  # fmt: skip
         with pytest.raises((nats.js.errors.NoStreamResponseError, nats.errors.NoRespondersError)):
             await js.publish(subject, json.dumps(heartbeat_body("w1", "inc")).encode())
