@@ -89,6 +89,13 @@ async def _mixed_history(js: JetStreamContext) -> dict[str, int]:
     await send("heartbeat", "w-back", heartbeat_body("w-back", back, completed_tasks=7))
     # the same process registers again at a slow interval: nobody sweeps it meanwhile
     await send("register", "w-back", register_body("w-back", back, heartbeat_interval_s=SLOW))
+    # operator actions: cordoned (and still so after a restart), drained, uncordoned
+    op = {"v": 1, "by": "alice", "reason": "disk", "sent_at": "2026-12-07T12:00:00Z"}
+    await send("cordon", "w-cpu", op | {"worker_id": "w-cpu"})
+    await send("drain", "w-zombie", op | {"worker_id": "w-zombie", "by": "bob"})
+    await send("cordon", "w-gone", op | {"worker_id": "w-gone"})
+    await send("uncordon", "w-gone", op | {"worker_id": "w-gone", "reason": "fixed"})
+    await send("cordon", "w-nobody", op | {"worker_id": "w-nobody"}, False)  # ignored
     # a heartbeat nobody registered: no record, only a control message
     await send("heartbeat", "w-stranger", heartbeat_body("w-stranger", new_incarnation()), False)
     # expired by the sweeper: beats once at a short interval, then goes silent
@@ -117,6 +124,9 @@ async def test_replay_rebuilds_identical_bucket(nats_server: NatsServer, nc: Cli
         "w-zombie": ("online", None), "w-back": ("online", None),
         "w-silent": ("offline", "expired"),
     }  # fmt: skip
+    assert {wid: (r["cordon"] or {}).get("by") for wid, r in snapshot.items() if r["cordon"]} == {
+        "w-cpu": "alice", "w-zombie": "bob"}  # fmt: skip
+    assert snapshot["w-zombie"]["cordon"]["drain"] and not snapshot["w-zombie"]["available"]
 
     await js.delete_consumer(EVENTS, CONSUMER)
     await js.delete_stream(f"KV_{BUCKET}")
