@@ -56,6 +56,7 @@
 
   function statusText(r) {
     if (r.offline_reason != null) return `offline (${r.offline_reason})`;
+    if (r.cordon) return `${r.status} (${r.cordon.drain ? "draining" : "cordoned"} by ${r.cordon.by})`;
     return String(r.status);
   }
 
@@ -63,6 +64,7 @@
     if (r.available) return "yes";
     if (isOffline(r)) return "no";
     if (r.late) return "late";
+    if (r.cordon) return r.cordon.drain ? "draining" : "cordoned";
     if (r.status === "online" && r.metrics.active_tasks >= maxTasks(r)) return "full";
     return "no";
   }
@@ -87,7 +89,7 @@
 
   // Relevant to the counts: a change here asks for fresh stats.
   const statsKey = (r) => (r ? [r.status, r.available, r.offline_reason, r.late,
-    r.registration.capability].join("|") : "");
+    r.registration.capability, Boolean(r.cordon)].join("|") : "");
 
   function applyUpdate(id, record) {
     if (loading) loading.touched.add(id);
