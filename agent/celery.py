@@ -254,12 +254,12 @@ class _Fleet:
         """Also sent by the main process for a task whose child died or hit its hard time
         limit (no task_postrun then). A child's own failures come with task_postrun."""
         if self.member is not None and self.member.is_main and sender.app is self.app:
-            self.member.tell(FAILED, task_id)
+            self.member.tell_after_children(FAILED, task_id)
 
     def _on_revoked(self, sender: Any, request: Any, **_: Any) -> None:
         """Main process: a revoked task (terminated: its child was killed) has ended."""
         if self.member is not None and self.member.is_main and sender.app is self.app:
-            self.member.tell(FAILED, request.id)
+            self.member.tell_after_children(FAILED, request.id)
 
 
 class _Member:
@@ -336,6 +336,11 @@ class _Member:
             self._count(kind, task_id)
         else:
             self._send(kind, task_id)
+
+    def tell_after_children(self, kind: bytes, task_id: str) -> None:
+        """From the main process, about a task a child may have told of: through the same
+        socket, so it is counted after what the child sent before it died."""
+        self._send(kind, task_id)
 
     def _send(self, kind: bytes, task_id: str) -> None:
         try:

@@ -3,8 +3,9 @@ on a real redis-server, a real nats-server and the registry in-process.
 
 One scenario, two workers: `alpha` (prefork, 2 processes, text and document) and `beta`
 (solo, image). Both register with the probed hardware; tasks routed with `route_task` run
-on the worker the router picked, and its counts move (in prefork's children too); a full
-or absent worker is NoWorkerAvailable; SIGTERM unregisters them.
+on the worker the router picked, and its counts move (in prefork's children too; a child
+that dies is a failed task); a full or absent worker is NoWorkerAvailable; SIGTERM
+unregisters them.
 
 Needs the `redis-server` package (.ci/run installs it): skipped without it, failed in CI.
 """
@@ -27,6 +28,7 @@ from typing import Any
 
 import psutil
 import pytest
+from billiard.exceptions import WorkerLostError
 from nats.aio.client import Client
 from nats.js import JetStreamContext
 
@@ -216,9 +218,13 @@ async def test_celery_workers_register_take_routed_tasks_count_them_and_leave(
         with pytest.raises(ValueError, match="always fails"):
             await outcome(route_task(router, celery_app.fail, "cpu", "text"))
 
+        router.release(alpha.worker_id)
+        with pytest.raises(WorkerLostError):  # its child died: only the main process tells
+            await outcome(route_task(router, celery_app.die, "cpu", "text"))
+
         async def counted() -> bool:
             m = await metrics_of(js, alpha)
-            return (m["completed_tasks"], m["failed_tasks"], m["active_tasks"]) == (2, 1, 0)
+            return (m["completed_tasks"], m["failed_tasks"], m["active_tasks"]) == (2, 2, 0)
 
         await eventually(counted, timeout=5.0)
         m = await metrics_of(js, alpha)
