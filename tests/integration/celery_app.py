@@ -44,9 +44,3 @@ def whoami(self: Any, seconds: float = 0.05) -> str:
 @app.task
 def fail() -> None:
     raise ValueError("this task always fails")
-
-
-@app.task
-def die() -> None:
-    """Ends the process running it (a prefork child) without a word."""
-    os._exit(1)
