@@ -33,6 +33,7 @@ import structlog
 from celery import Celery, Task, current_app, signals
 from celery.concurrency.solo import TaskPool as SoloPool
 from celery.result import AsyncResult
+from celery.worker import state as worker_state
 from pydantic import ValidationError
 
 from agent.agent import Agent
@@ -354,7 +355,10 @@ class _Member:
             kind, task_id = data[:1], data[1:].decode(errors="replace")
             if kind == STOP:
                 return
-            self._count(kind, task_id)
+            try:
+                self._count(kind, task_id)
+            except Exception:  # counting must go on for the next task
+                log.exception("fleet_count_failed", worker=self.nodename, task_id=task_id)
 
     def _count(self, kind: bytes, task_id: str) -> None:
         agent = self.agent
@@ -384,11 +388,12 @@ class _Member:
             control.cancel_consumer(queue, destination=here)
         log.info("fleet_draining", worker=self.nodename, reason=reason, queues=self.queues)
         agent = self.agent
-        while agent is not None and agent.tasks.active > 0:
-            if not getattr(agent, "draining", True):  # the Agent's coming property
-                return  # lifted meanwhile
+        while agent is not None and getattr(agent, "draining", True):  # the Agent's coming property
+            # reserved: prefetched messages too, which a shutdown would hand back unrun
+            if agent.tasks.active == 0 and not worker_state.reserved_requests:
+                control.shutdown(destination=here)  # warm: Celery waits for what still runs
+                return
             time.sleep(0.2)
-        control.shutdown(destination=here)  # warm: Celery waits for what still runs
 
     def _undrain(self, reason: str) -> None:
         for queue in self.queues:
