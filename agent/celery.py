@@ -173,7 +173,7 @@ def _max_tasks(worker: Any) -> int:
     pool = worker.pool_cls
     if isinstance(pool, type) and issubclass(pool, SoloPool):
         return 1
-    most = worker.max_concurrency or worker.concurrency or 1
+    most = getattr(worker, "max_concurrency", None) or worker.concurrency or 1
     return max(1, min(int(most), protocol.MAX_SLOTS))
 
 
