@@ -300,6 +300,7 @@ class _Member:
             return
         threading.Thread(target=self._read_inbox, name="worker-registry-tasks", daemon=True).start()
         self._host = _HostLoop()
+        agent.on_drain(self.drain_changed)
         self._host.submit(agent.start()).add_done_callback(self._started)
 
     def _started(self, future: concurrent.futures.Future[None]) -> None:
@@ -322,7 +323,8 @@ class _Member:
         if host is not None and agent is not None:
             budget = self.settings.unregister_timeout_s + DRAIN_TIMEOUT_S + 2.0
             try:
-                host.submit(agent.stop()).result(budget)
+                reason = "drained" if agent.draining else "shutdown"
+                host.submit(agent.stop(reason=reason)).result(budget)
             except concurrent.futures.TimeoutError:
                 log.warning("fleet_stop_timeout", worker=self.nodename, timeout_s=budget)
             host.close()
@@ -371,13 +373,13 @@ class _Member:
             elif kind != STARTED and (ended := self._open.pop(task_id, None)) is not None:
                 ended.__exit__(None if kind == SUCCEEDED else _TaskFailed)
 
-    # ------------------------------------------------------------ operator drain (unwired)
+    # ------------------------------------------------------------ operator drain
 
     def drain_changed(self, draining: bool, reason: str) -> None:
-        """NOT WIRED YET (#13): pass to `agent.on_drain(...)` in `start()`, before
-        `agent.start()`, once the Agent has it. Called on the agent's own thread: the
-        work goes to a thread of its own, so heartbeats go on. Draining: stop consuming
-        every queue, then a warm shutdown once no task runs; lifted: consume them again."""
+        """`registry drain ID` (True) or an uncordon (False), from `agent.on_drain`. Called
+        on the agent's own thread: the work goes to a thread of its own, so heartbeats go
+        on. Draining: stop consuming every queue, then a warm shutdown once no task runs
+        (the agent unregisters with reason `drained`); lifted: consume them again."""
         target = self._drain if draining else self._undrain
         threading.Thread(target=target, args=(reason,), name="worker-registry-drain",
                          daemon=True).start()  # fmt: skip
@@ -388,7 +390,7 @@ class _Member:
             control.cancel_consumer(queue, destination=here)
         log.info("fleet_draining", worker=self.nodename, reason=reason, queues=self.queues)
         agent = self.agent
-        while agent is not None and getattr(agent, "draining", True):  # the Agent's coming property
+        while agent is not None and agent.draining:
             # reserved: prefetched messages too, which a shutdown would hand back unrun
             if agent.tasks.active == 0 and not worker_state.reserved_requests:
                 control.shutdown(destination=here)  # warm: Celery waits for what still runs

@@ -33,6 +33,9 @@ from nats.aio.client import Client
 from nats.js import JetStreamContext
 
 from agent.celery import NoWorkerAvailable, route_task, worker_id_for
+from registry.eventlog import EventQuery, read_events
+from registry.ops import actions
+from registry.protocol import UnregisterEvent
 from registry.router import Router
 from registry.server.embedded import NatsServer
 from tests.conftest import eventually, port_open
@@ -42,7 +45,7 @@ from tests.integration.registry_helpers import bounded, record, running_registry
 ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def redis_binary() -> str:
     found = shutil.which("redis-server")
     if found is None:
@@ -84,12 +87,12 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
         proc.wait(5.0)
 
 
-@pytest.fixture
-def redis_url(redis_binary: str, tmp_path: Path) -> Iterator[str]:
-    """A redis-server of its own on a free port (tried 3 times: the port may be taken
-    between choosing and binding it)."""
-    data = tmp_path / "redis"
-    data.mkdir()
+@pytest.fixture(scope="module")
+def redis_url(redis_binary: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A redis-server of this module's own on a free port (tried 3 times: the port may be
+    taken between choosing and binding it). One for the module: the Celery app its tests
+    share keeps connections to the broker it first used."""
+    data = tmp_path_factory.mktemp("redis")
     for _ in range(3):
         port = _free_port()
         proc = _start_redis(redis_binary, port, data)
@@ -250,6 +253,32 @@ async def _offline(js: JetStreamContext, worker: CeleryWorker) -> dict[str, Any]
 
     rec: dict[str, Any] = await eventually(check, timeout=5.0)
     return rec
+
+
+@bounded(60)
+async def test_a_drained_celery_worker_finishes_its_task_and_leaves(
+    nats_server: NatsServer, nc: Client, redis_url: str, tmp_path: Path
+) -> None:
+    celery_app.app.conf.update(broker_url=redis_url, result_backend=redis_url)
+    env = {"FLEET_TEST_BROKER": redis_url, "FLEET_TEST_NATS": nats_server.url}
+    js = nc.jetstream()
+    async with (
+        running_registry(nats_server.url, caught_up=True),
+        celery_worker(tmp_path, "gamma", "solo", env) as gamma,
+        await Router.connect(nats_server.url) as router,
+    ):  # fmt: skip
+        await online(js, gamma)
+        await eventually(lambda: len(router.available("cpu")) == 1, timeout=10.0)
+        running = route_task(router, celery_app.whoami, "cpu", "text", args=(2.0,))
+        await eventually(lambda: _active(js, gamma, 1), timeout=10.0)
+        await actions.publish(nc, "drain", gamma.worker_id, "ops", "node rotation")
+        assert await outcome(running) == gamma.nodename  # its task finished
+        assert await asyncio.wait_for(gamma.proc.wait(), 30) == 0  # then it left by itself
+        rec = await _offline(js, gamma)
+        assert rec["offline_reason"] == "unregistered" and rec["cordon"]["drain"], gamma.output()
+    events = await read_events(nc, EventQuery(worker_id=gamma.worker_id, kind="unregister"))
+    assert isinstance(events[-1].event, UnregisterEvent) and events[-1].event.reason == "drained"
+    assert (await metrics_of(js, gamma))["completed_tasks"] == 1
 
 
 @bounded(30)
