@@ -1,5 +1,6 @@
 """Reading WORKER_EVENTS by worker, kind and time: the audit log behind
-`registry events`, `registry explain` and the service's `registry.history`.
+`registry events`, `registry explain` and the service's `registry.history`, and
+the whole stream up to a moment behind `registry workers --at` (`scan`).
 
 Events are read through an ephemeral consumer filtered on the subjects asked
 for (`worker.<kind>.<id>`, wildcards for "any"), positioned by time when
@@ -11,8 +12,9 @@ from __future__ import annotations
 
 import json
 from collections import deque
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, Final, assert_never
 
 import msgspec
@@ -33,8 +35,11 @@ from registry.protocol import (
     RegisterEvent,
     UnregisterEvent,
 )
+from registry.server.jsmeta import ack_meta
 
 _PULL_BATCH: Final = 512
+_EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
+_SCAN_BATCH: Final = 1024  # a batch of a scan is folded between two reads: the loop's longest hold
 
 
 class EventLogError(RuntimeError):
@@ -199,6 +204,62 @@ async def _read(
         await sub.unsubscribe()
         await _js_api(nc, f"CONSUMER.DELETE.{stream}.{name}", None, check=False)
     return out[:take] if take is not None else out
+
+
+async def scan(nc: Client, stream: str, until: datetime) -> AsyncIterator[list[Msg]]:
+    """Every message of `stream` from its first, oldest first, through the last one stored
+    at or before `until`, in batches (a batch is handled before the next is asked for).
+
+    One ephemeral consumer over the whole stream, ack policy none; it stops at the first
+    message stored after `until` (stored times follow the sequence)."""
+    name = f"{READ_CONSUMER_PREFIX}{nuid.NUID().next().decode()}"
+    config = {
+        "name": name, "ack_policy": "none", "deliver_policy": "all", "mem_storage": True,
+        "num_replicas": 1, "inactive_threshold": 30_000_000_000,
+    }  # fmt: skip
+    created = await _js_api(
+        nc, f"CONSUMER.CREATE.{stream}.{name}", {"stream_name": stream, "config": config}
+    )
+    pending, until_ns = int(created["num_pending"]), epoch_ns(until)
+    inbox = nc.new_inbox()
+    sub = await nc.subscribe(inbox, pending_msgs_limit=-1, pending_bytes_limit=-1)
+    try:
+        while pending > 0:
+            batch = await _pull(nc, sub, f"{stream}.{name}", inbox, min(pending, _SCAN_BATCH))
+            if not batch:
+                return
+            pending -= len(batch)
+            kept = [m for m in batch if ack_meta(m).stored_ns <= until_ns]
+            if kept:
+                yield kept
+            if len(kept) < len(batch):
+                return
+    finally:
+        await sub.unsubscribe()
+        await _js_api(nc, f"CONSUMER.DELETE.{stream}.{name}", None, check=False)
+
+
+async def stream_info(nc: Client, stream: str, body: dict[str, Any] | None = None) -> Any:
+    """The stream's info as the server answers it (`state.first_ts` and the subject
+    counts that nats-py's StreamState leaves out)."""
+    return await _js_api(nc, f"STREAM.INFO.{stream}", body)
+
+
+def epoch_ns(when: datetime) -> int:
+    """Nanoseconds since the epoch, exactly (a float timestamp is off by up to 256 ns)."""
+    return (when - _EPOCH) // timedelta(microseconds=1) * 1000
+
+
+async def subject_counts(nc: Client, stream: str, subjects: str) -> dict[str, int]:
+    """How many messages `stream` holds now on each subject matching `subjects` (the
+    server lists at most 100,000 subjects an answer: asked again from an offset)."""
+    counts: dict[str, int] = {}
+    while True:
+        info = await stream_info(nc, stream, {"subjects_filter": subjects, "offset": len(counts)})
+        page = info["state"].get("subjects") or {}
+        counts.update(page)
+        if not page or len(counts) >= int(info.get("total", 0)):
+            return counts
 
 
 def _in_window(msg: Msg, q: EventQuery, stop_seq: int | None) -> bool:
