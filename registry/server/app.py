@@ -180,7 +180,9 @@ async def serve(
                                    connect_timeout_s=settings.connect_timeout_s),
                     client=ServiceClient,
                 )  # fmt: skip
-                service = await start_service(service_nc, registry)
+                service = await start_service(
+                    service_nc, registry, retention_s=settings.retention_s
+                )
             try:
                 async with registry_metrics(registry, settings.metrics_host, settings.metrics_port):
                     raise_if_cancelled()  # a stop that raced a provisioning reply
