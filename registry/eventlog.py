@@ -10,6 +10,7 @@ stream.
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections import deque
 from collections.abc import AsyncIterator
@@ -39,7 +40,7 @@ from registry.server.jsmeta import ack_meta
 
 _PULL_BATCH: Final = 512
 _EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
-_SCAN_BATCH: Final = 1024  # a batch of a scan is folded between two reads: the loop's longest hold
+_SCAN_BATCH: Final = 512  # folded between two reads: the longest a scan holds the loop
 
 
 class EventLogError(RuntimeError):
@@ -211,7 +212,9 @@ async def scan(nc: Client, stream: str, until: datetime) -> AsyncIterator[list[M
     at or before `until`, in batches (a batch is handled before the next is asked for).
 
     One ephemeral consumer over the whole stream, ack policy none; it stops at the first
-    message stored after `until` (stored times follow the sequence)."""
+    message stored after `until` (stored times follow the sequence). To the microsecond,
+    as records and nats-py show stored times: a message stored at 12:00:00.000001500 is
+    at or before 12:00:00.000001."""
     name = f"{READ_CONSUMER_PREFIX}{nuid.NUID().next().decode()}"
     config = {
         "name": name, "ack_policy": "none", "deliver_policy": "all", "mem_storage": True,
@@ -220,12 +223,12 @@ async def scan(nc: Client, stream: str, until: datetime) -> AsyncIterator[list[M
     created = await _js_api(
         nc, f"CONSUMER.CREATE.{stream}.{name}", {"stream_name": stream, "config": config}
     )
-    pending, until_ns = int(created["num_pending"]), epoch_ns(until)
-    inbox = nc.new_inbox()
-    sub = await nc.subscribe(inbox, pending_msgs_limit=-1, pending_bytes_limit=-1)
+    pending, until_ns = int(created["num_pending"]), epoch_ns(until) + 999
+    puller = _BatchPuller(nc, f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{name}")
+    await puller.start()
     try:
         while pending > 0:
-            batch = await _pull(nc, sub, f"{stream}.{name}", inbox, min(pending, _SCAN_BATCH))
+            batch = await puller.pull(min(pending, _SCAN_BATCH))
             if not batch:
                 return
             pending -= len(batch)
@@ -235,8 +238,49 @@ async def scan(nc: Client, stream: str, until: datetime) -> AsyncIterator[list[M
             if len(kept) < len(batch):
                 return
     finally:
-        await sub.unsubscribe()
+        await puller.stop()
         await _js_api(nc, f"CONSUMER.DELETE.{stream}.{name}", None, check=False)
+
+
+class _BatchPuller:
+    """No-wait pulls of a whole batch into a list by a subscription callback (a tenth of
+    the cost per message of `next_msg`): a batch ends when it is full or at a status."""
+
+    def __init__(self, nc: Client, next_subject: str) -> None:
+        self.nc, self.next_subject, self.inbox = nc, next_subject, nc.new_inbox()
+        self.got: list[Msg] = []
+        self.want = 0
+        self.done = asyncio.Event()
+        self.sub: Subscription | None = None
+
+    async def start(self) -> None:
+        self.sub = await self.nc.subscribe(
+            self.inbox, cb=self._on_msg, pending_msgs_limit=-1, pending_bytes_limit=-1
+        )
+
+    async def stop(self) -> None:
+        if self.sub is not None:
+            await self.sub.unsubscribe()
+
+    async def pull(self, batch: int) -> list[Msg]:
+        self.got, self.want = [], batch
+        self.done.clear()
+        request = json.dumps({"batch": batch, "no_wait": True}).encode()
+        await self.nc.publish(self.next_subject, request, reply=self.inbox)
+        try:
+            async with asyncio.timeout(5.0):
+                await self.done.wait()
+        except TimeoutError:
+            raise EventLogError(f"no answer to a pull within 5 s ({len(self.got)} of {batch})")
+        return self.got
+
+    async def _on_msg(self, msg: Msg) -> None:
+        if msg.headers and msg.headers.get(api.Header.STATUS):
+            self.done.set()  # nothing more now (404), or the pull ended otherwise
+            return
+        self.got.append(msg)
+        if len(self.got) >= self.want:
+            self.done.set()
 
 
 async def stream_info(nc: Client, stream: str, body: dict[str, Any] | None = None) -> Any:

@@ -145,7 +145,7 @@ async def fleet_at(
 ) -> FleetAt:
     """Fold the stream through the last message stored at or before `at`.
 
-    Each batch read (up to 1,024 messages) is folded before the next is asked for,
+    Each batch read (up to 512 messages) is folded before the next is asked for,
     so a caller on a shared event loop gives it up at least that often."""
     info = await eventlog.stream_info(nc, stream)
     replay = Replay(retention_s)
