@@ -11,9 +11,9 @@ Then, in this order, on the same stream:
 - bucket read: what `registry workers` does, the bucket read into records
   (`load_records`), in this process;
 - at: `registry.timetravel.fleet_at` in this process, at `end` (every event) and
-  at `half`, best of `repeats`; and the longest the event loop waited meanwhile
-  (a 1 ms ticker beside it: what the registry's projector would wait for when
-  its service folds);
+  at `half`, best of `repeats`; and how long the event loop made a 1 ms ticker
+  beside it wait (what the registry's projector would wait for when its service
+  folds), against the same ticker with nothing running (the machine's noise);
 - the CLI: `registry workers --json` and `registry workers --at END --json` in
   child processes, launch to exit;
 - the service: `registry.at` answered by the running registry, the first page
@@ -29,7 +29,15 @@ import time
 from datetime import UTC, datetime
 from typing import Any
 
-from bench.common import ROOT, RegistryProcess, fleet, nats_server, provisioned, stream_state
+from bench.common import (
+    ROOT,
+    RegistryProcess,
+    fleet,
+    nats_server,
+    percentiles,
+    provisioned,
+    stream_state,
+)
 from registry.ops.commands import load_records
 from registry.timeparse import format_instant
 from registry.timetravel import fleet_at
@@ -52,26 +60,35 @@ async def _publish(workers: int, rounds: int, nc: Any) -> tuple[datetime, dateti
     return moments[0], moments[-1]
 
 
-async def _timed_fold(nc: Any, at: datetime) -> tuple[float, float, int]:
-    """Seconds to fold, the longest event-loop wait meanwhile (ms), records."""
-    gaps: list[float] = []
+async def _ticker(gaps: list[float]) -> None:
+    """Wake every millisecond; record how long each wait for the loop really took."""
+    last = time.monotonic()
+    while True:
+        await asyncio.sleep(0.001)
+        now = time.monotonic()
+        gaps.append(now - last)
+        last = now
 
-    async def ticker() -> None:
-        last = time.monotonic()
-        while True:
-            await asyncio.sleep(0.001)
-            now = time.monotonic()
-            gaps.append(now - last)
-            last = now
 
-    tick = asyncio.create_task(ticker())
+async def _timed_fold(nc: Any, at: datetime, gaps: list[float]) -> tuple[float, int]:
+    """Seconds to fold and the records, the ticker's waits meanwhile added to `gaps`."""
+    tick = asyncio.create_task(_ticker(gaps))
     try:
         t0 = time.monotonic()
         result = await fleet_at(nc, at, RETENTION_S)
         seconds = time.monotonic() - t0
     finally:
         tick.cancel()
-    return seconds, max(gaps, default=0.0) * 1000, len(result.records)
+    return seconds, len(result.records)
+
+
+async def _idle_gaps(seconds: float) -> list[float]:
+    """The ticker's waits with nothing else running here: the machine's own noise."""
+    gaps: list[float] = []
+    tick = asyncio.create_task(_ticker(gaps))
+    await asyncio.sleep(seconds)
+    tick.cancel()
+    return gaps
 
 
 async def _cli(*argv: str) -> tuple[float, int]:
@@ -116,8 +133,10 @@ async def measure(workers: int = 10_000, rounds: int = 3, repeats: int = 3) -> d
             t0 = time.monotonic()
             in_bucket = len(await load_records(nc))
             bucket_s = time.monotonic() - t0
-            folds = {"end": [await _timed_fold(nc, end) for _ in range(repeats)],
-                     "half": [await _timed_fold(nc, half) for _ in range(repeats)]}  # fmt: skip
+            gaps: list[float] = []
+            folds = {"end": [await _timed_fold(nc, end, gaps) for _ in range(repeats)],
+                     "half": [await _timed_fold(nc, half, gaps) for _ in range(repeats)]}  # fmt: skip
+            idle = await _idle_gaps(2.0)
             cli_workers, _ = await _cli("workers", "--json", "--nats", server.url)
             cli_at, cli_n = await _cli("workers", "--at", format_instant(end), "--json",
                                        "--nats", server.url)  # fmt: skip
@@ -130,12 +149,12 @@ async def measure(workers: int = 10_000, rounds: int = 3, repeats: int = 3) -> d
         "workers": workers,
         "events": events,
         "events_at_half": workers * 2,
-        "records": {"bucket": in_bucket, "at_end": folds["end"][0][2], "cli_at": cli_n},
+        "records": {"bucket": in_bucket, "at_end": folds["end"][0][1], "cli_at": cli_n},
         "cold_replay_s": round(cold, 2),
         "bucket_read_s": round(bucket_s, 3),
         "at_end_s": round(at_end, 3),
         "at_half_s": round(min(f[0] for f in folds["half"]), 3),
-        "loop_wait_max_ms": round(max(f[1] for f in folds["end"] + folds["half"]), 1),
+        "loop_wait_ms": {"folding": percentiles(gaps, 1000, 1), "idle": percentiles(idle, 1000, 1)},
         "at_events_per_s": round(events / at_end),
         "cli_workers_s": round(cli_workers, 2),
         "cli_at_s": round(cli_at, 2),
