@@ -148,7 +148,7 @@ async def measure(workers: int = 10_000, rounds: int = 3, repeats: int = 3) -> d
     return {
         "workers": workers,
         "events": events,
-        "events_at_half": workers * 2,
+        "events_at_half": workers * 2,  # the registrations and the first round
         "records": {"bucket": in_bucket, "at_end": folds["end"][0][1], "cli_at": cli_n},
         "cold_replay_s": round(cold, 2),
         "bucket_read_s": round(bucket_s, 3),
@@ -170,7 +170,14 @@ async def measure(workers: int = 10_000, rounds: int = 3, repeats: int = 3) -> d
 
 
 if __name__ == "__main__":
+    import argparse
+
     from registry import logs
 
+    p = argparse.ArgumentParser(prog="bench/at.py", description="the part 'at' alone")
+    p.add_argument("--workers", type=int, default=10_000)
+    p.add_argument("--rounds", type=int, default=3, help="heartbeats per worker")
+    p.add_argument("--repeats", type=int, default=3)
+    args = p.parse_args()
     logs.configure("warning", json=True)
-    print(json.dumps(asyncio.run(measure()), indent=2))
+    print(json.dumps(asyncio.run(measure(args.workers, args.rounds, args.repeats)), indent=2))

@@ -53,6 +53,10 @@ class OutOfReach(ValueError):
     """Nothing the stream holds was stored by then (or it holds nothing)."""
 
 
+class TooManyEvents(ValueError):
+    """More events stored by then than the caller would fold."""
+
+
 class Reach(msgspec.Struct, frozen=True, kw_only=True):
     """What a record's trimmed history lacks (see the module's docstring)."""
 
@@ -148,14 +152,18 @@ def reach(
 
 
 async def fleet_at(
-    nc: Client, at: datetime, retention_s: float, stream: str = EVENTS_STREAM
-) -> FleetAt:
+    nc: Client, at: datetime, retention_s: float, stream: str = EVENTS_STREAM,
+    max_events: int | None = None,
+) -> FleetAt:  # fmt: skip
     """Fold the stream through the last message stored at or before `at`, giving the
     event loop up every YIELD_EVERY events (the registry's service folds beside its
-    projector)."""
+    projector); past `max_events`, give up (TooManyEvents)."""
     info = await eventlog.stream_info(nc, stream)
     replay = Replay(retention_s)
     async for batch in eventlog.scan(nc, stream, at):
+        if max_events is not None and replay.events + len(batch) > max_events:
+            raise TooManyEvents(f"more than {max_events:,} events were stored by "
+                                f"{format_instant(at)}")  # fmt: skip
         for i, msg in enumerate(batch, 1):
             meta = ack_meta(msg)
             replay.fold(meta.seq, meta.stored_at, msg.subject, msg.data)

@@ -19,10 +19,13 @@ from nats.js import JetStreamContext
 from structlog.testing import capture_logs
 
 from registry import protocol
+from registry.server import service
 from registry.server.app import Registry
 from registry.server.embedded import NatsServer
+from registry.server.provision import provision
 from registry.timeparse import format_instant
 from tests.conftest import eventually
+from tests.factories import View, heartbeat, publish_events, register
 from tests.integration.registry_helpers import (
     bounded,
     bucket_records,
@@ -231,3 +234,20 @@ async def test_a_moment_before_the_first_event_is_one_line_exit_1_and_a_400(
     assert (msg.headers or {}).get("Nats-Service-Error-Code") == "400"
     assert "nothing was stored by" in (msg.headers or {}).get("Nats-Service-Error", "")
     assert (bad.headers or {}).get("Nats-Service-Error-Code") == "400"
+
+
+async def test_the_service_refuses_to_fold_past_its_cap_and_names_the_cli(
+    nc: Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await provision(nc)
+    await publish_events(nc.jetstream(), register("a"), heartbeat("a"), heartbeat("a"))
+    monkeypatch.setattr(service, "AT_MAX_EVENTS", 2)
+    svc = await service.start_service(nc, View({}))
+    try:
+        msg = await nc.request("registry.at", b'{"at": "0s"}', timeout=5.0)
+    finally:
+        await svc.stop()
+    headers = msg.headers or {}
+    assert headers.get("Nats-Service-Error-Code") == "413"
+    assert "more than 2 events" in headers["Nats-Service-Error"]
+    assert "registry workers --at" in headers["Nats-Service-Error"]
