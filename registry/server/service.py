@@ -30,10 +30,10 @@ History is read from WORKER_EVENTS by registry.eventlog, through a consumer
 filtered on the worker's subjects (`worker.*.<id>`): the cost follows that
 worker's events, not the size of the stream.
 
-`registry.at` folds the whole stream up to a moment (registry.timetravel), about
-a second at 10,000 workers: it gives the loop up after every batch it reads, runs
-one fold at a time, and keeps the last few folds by moment, so the pages of one
-walk (asked with the answer's absolute `at`) come from one fold.
+`registry.at` folds the stream up to a moment (registry.timetravel), a few seconds
+for 40,000 events: it gives the loop up every 128 events, runs one fold at a time,
+gives up past AT_MAX_EVENTS, and keeps the last few folds by moment, so the pages
+of one walk (asked with the answer's absolute `at`) come from one fold.
 """
 
 from __future__ import annotations
