@@ -184,7 +184,36 @@ def markdown(doc: dict[str, Any]) -> str:
     out += _service(_get(r, "service"))
     out += _ha(_get(r, "ha"))
     out += _http(_get(r, "http"))
+    out += _at(_get(r, "at"))
     return "\n".join(out)
+
+
+def _at(at: dict[str, Any] | None) -> list[str]:
+    """`registry workers --at` against the registry's cold replay of the same stream."""
+    if not at:
+        return []
+    out = ["## The fleet at a moment (`registry workers --at`)", ""]
+    out += [(f"{at['workers']:,} workers, {at['events']:,} events in WORKER_EVENTS (a "
+             "registration and heartbeats each); every fold is the best of the repeats."), ""]  # fmt: skip
+    rows = [
+        ["registry cold replay of the stream into an empty bucket (baseline, launch to folded)",
+         f"{at['cold_replay_s']} s"],
+        ["bucket read (`registry workers`, in process)", f"{at['bucket_read_s']} s"],
+        [f"`fleet_at`, every event ({at['at_events_per_s']:,} events/s)", f"{at['at_end_s']} s"],
+        [f"`fleet_at`, after the first round ({at['events_at_half']:,} events)",
+         f"{at['at_half_s']} s"],
+        ["a 1 ms ticker's waits while folding, p50 / p99 / max",
+         _p(at["loop_wait_ms"]["folding"], " ms")],
+        ["the same ticker with nothing running (the machine's noise)",
+         _p(at["loop_wait_ms"]["idle"], " ms")],
+        ["`registry workers --json`, launch to exit", f"{at['cli_workers_s']} s"],
+        ["`registry workers --at T --json`, launch to exit", f"{at['cli_at_s']} s"],
+        ["`registry.at`, first page (a fold) / next page (kept)",
+         f"{at['service_first_page_s']} s / {at['service_next_page_s']} s"],
+    ]  # fmt: skip
+    out += _table(["what", "time"], rows)
+    out += [", ".join(f"{k}: {v}x" for k, v in at["ratios"].items()), ""]
+    return out
 
 
 def _http_targets(h: dict[str, Any] | None) -> list[list[Any]]:

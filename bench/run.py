@@ -32,13 +32,13 @@ from typing import Any
 _HERE = Path(__file__).resolve().parent
 sys.path[:] = [str(_HERE.parent), *(p for p in sys.path if Path(p).resolve() != _HERE)]
 
-from bench import ha, http, latency, report, routing, scale, service, throughput, trust
+from bench import at, ha, http, latency, report, routing, scale, service, throughput, trust
 from bench.common import machine
 from bench.profile import PySpy, summary
 from registry import logs
 
 RESULTS = Path(__file__).resolve().parent / "results"
-PARTS = ("throughput", "latency", "routing", "scale", "service", "trust", "ha", "http")
+PARTS = ("throughput", "latency", "routing", "scale", "service", "trust", "ha", "http", "at")
 
 SIZES: dict[str, dict[str, Any]] = {
     "quick": {
@@ -56,6 +56,7 @@ SIZES: dict[str, dict[str, Any]] = {
                   "duration_s": 6.0, "conns": 200, "mints": 1000},
         "ha": {"kills": 20, "terms": 3, "workers": 1000, "rounds": 10},
         "http": {"workers": 1000, "senders": 32, "warmup_s": 2.0, "duration_s": 10.0, "rounds": 1},
+        "at": {"workers": 2000, "rounds": 3, "repeats": 2},
     },
     "full": {
         "throughput": [(1000, 50), (10000, 5), (100000, 1)],
@@ -75,6 +76,7 @@ SIZES: dict[str, dict[str, Any]] = {
                   "duration_s": 20.0, "conns": 1000, "mints": 5000},
         "ha": {"kills": 30, "terms": 5, "workers": 10000, "rounds": 5},
         "http": {"workers": 1000, "senders": 32, "warmup_s": 5.0, "duration_s": 30.0, "rounds": 2},
+        "at": {"workers": 10000, "rounds": 3, "repeats": 3},
     },
 }  # fmt: skip
 
@@ -127,6 +129,9 @@ async def run_parts(mode: str, parts: list[str], profile: bool) -> dict[str, Any
     async def web() -> dict[str, Any]:
         return await http.measure(**sizes["http"])
 
+    async def tt() -> dict[str, Any]:
+        return await at.measure(**sizes["at"])
+
     await part("throughput", tp)
     await part("latency", lat)
     await part("routing", rt)
@@ -135,6 +140,7 @@ async def run_parts(mode: str, parts: list[str], profile: bool) -> dict[str, Any
     await part("trust", tr)
     await part("ha", hav)
     await part("http", web)
+    await part("at", tt)
     return results
 
 

@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import math
 import re
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, tzinfo
 from typing import Final
 
 _UNITS: Final = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 604800.0}
 _MAX_SECONDS: Final = 100 * 365 * 86400.0
 _PART: Final = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d|w)")
 _DURATION: Final = re.compile(r"(?:\d+(?:\.\d+)?(?:ms|s|m|h|d|w))+")
+_CLOCK: Final = re.compile(r"([01]?\d|2[0-3]):([0-5]\d)(?::([0-5]\d))?")
 
 
 class TimeParseError(ValueError):
@@ -55,6 +56,30 @@ def parse_when(text: str, now: datetime) -> datetime:
         return now - timedelta(seconds=parse_duration(text))
     except TimeParseError:
         return parse_instant(text)
+
+
+def parse_at(text: str, now: datetime, local: tzinfo | None = None) -> datetime:
+    """A moment in the past: an age (`10m` ago), RFC 3339, or with `local` a wall-clock
+    time `HH:MM[:SS]` in that zone, the latest one not after `now` (today's, or
+    yesterday's when today's is still to come). A moment after `now` is an error."""
+    clock = _CLOCK.fullmatch(text.strip()) if local is not None else None
+    if clock is not None:
+        hour, minute, second = (int(g or 0) for g in clock.groups())
+        today = now.astimezone(local).replace(hour=hour, minute=minute, second=second,
+                                              microsecond=0)  # fmt: skip
+        when = today if today <= now else today - timedelta(days=1)
+        return when.astimezone(UTC)
+    try:
+        when = parse_when(text, now)
+    except TimeParseError as e:
+        if local is None or not str(e).startswith("invalid time"):
+            raise
+        raise TimeParseError(f"{e}, or a time of day (14:05)") from None
+    if when > now:
+        raise TimeParseError(
+            f"time {format_instant(when)} is in the future (now {format_instant(now)})"
+        )
+    return when
 
 
 def parse_range(

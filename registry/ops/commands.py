@@ -17,7 +17,7 @@ import os
 import socket
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, tzinfo
 from typing import Any, Final, NoReturn
 
 import msgspec
@@ -26,7 +26,7 @@ import nats.errors
 import nats.js.errors
 from nats.aio.client import Client
 
-from registry import protocol, query, timeparse
+from registry import protocol, query, timeparse, timetravel
 from registry.connect import (
     FAIL_FAST,
     AuthError,
@@ -41,7 +41,7 @@ from registry.eventlog import EventLogError, EventQuery, read_events
 from registry.ops import actions, watch
 from registry.ops.check import brake_state, holding
 from registry.ops.explain import explanation, replay, verdict
-from registry.ops.render import events_table, workers_table
+from registry.ops.render import events_table, workers_at_table, workers_table
 from registry.protocol import WorkerCapability, WorkerInfo, WorkerStatus
 from registry.server.store import Bucket
 
@@ -86,7 +86,16 @@ def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
         p.set_defaults(run=_runner(run))
         return p
 
-    _filters(command("workers", _workers, "list workers (live ones unless --all)"))
+    workers = command("workers", _workers, "list workers (live ones unless --all)")
+    _filters(workers)
+    workers.add_argument("--at", metavar="TIME",
+                         help="the fleet as it was then, folded from WORKER_EVENTS: an age "
+                              "(10m), RFC 3339, or a time of day (14:05, local)")  # fmt: skip
+    workers.add_argument("--retention", type=_positive(float), metavar="S",
+                         default=_env_seconds("REGISTRY_RETENTION_S", 86400.0),
+                         help="with --at: the registry's --retention (env REGISTRY_RETENTION_S, "
+                              "default 86400); offline records older are left out, as the "
+                              "registry deletes them")  # fmt: skip
     command("get", _get, "print one worker's bucket record as JSON").add_argument(
         "id", metavar="ID", type=_worker_id
     )
@@ -123,6 +132,13 @@ def _event_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--until", metavar="T", help="age or RFC 3339")
     p.add_argument("--limit", type=_positive(int), default=100, metavar="N",
                    help="at most N events (default 100; the latest N unless --since)")  # fmt: skip
+
+
+def _env_seconds(name: str, default: float) -> float:
+    try:
+        return float(os.environ.get(name) or default)
+    except ValueError:
+        return default
 
 
 def _one_line_errors(parser: argparse.ArgumentParser) -> None:
@@ -279,6 +295,8 @@ async def load_record(nc: Client, worker_id: str) -> WorkerInfo | None:
 
 async def _workers(args: argparse.Namespace) -> int:
     f = filter_from(args)
+    if args.at is not None:
+        return await _workers_at(args, f)
     async with connected(args) as nc:
         records = query.select((await load_records(nc)).values(), f)
     if args.json:
@@ -290,6 +308,46 @@ async def _workers(args: argparse.Namespace) -> int:
             "no workers" + ("" if args.all else " (offline ones show with --all)"), file=sys.stderr
         )
     return 0
+
+
+def local_zone() -> tzinfo | None:
+    return datetime.now().astimezone().tzinfo
+
+
+async def _workers_at(args: argparse.Namespace, f: query.Filter) -> int:
+    """The fleet as of --at, folded from the stream; what trimming hid, said."""
+    try:
+        when = timeparse.parse_at(args.at, now(), local_zone())
+    except timeparse.TimeParseError as e:
+        raise OpsError(f"--at: {e}", code=2) from None
+    async with connected(args) as nc:
+        try:
+            fleet = await timetravel.fleet_at(nc, when, args.retention)
+        except timetravel.OutOfReach as e:
+            raise OpsError(str(e)) from None
+    records = query.select(fleet.records.values(), f)
+    if args.json:
+        emit(at_answer(fleet, records))
+        return 0
+    if records:
+        print(workers_at_table(records, fleet))
+    else:
+        print("no workers then" + ("" if args.all else " (offline ones show with --all)"),
+              file=sys.stderr)  # fmt: skip
+    print(timetravel.summary(fleet, (r.worker_id for r in records)), file=sys.stderr)
+    return 0
+
+
+def at_answer(fleet: timetravel.FleetAt, records: list[WorkerInfo]) -> dict[str, object]:
+    """`registry workers --at --json`: the records and what their trimmed history lacks."""
+    shown = {r.worker_id for r in records}
+    return {
+        "at": fleet.at, "through_seq": fleet.through_seq, "events": fleet.events,
+        "workers": records,
+        "reach": {w: r for w, r in fleet.reach.items() if w in shown},
+        "unknown": fleet.unknown, "purged": fleet.purged,
+        "max_msgs_per_subject": fleet.limit,
+    }  # fmt: skip
 
 
 async def _get(args: argparse.Namespace) -> int:

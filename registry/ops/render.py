@@ -10,6 +10,7 @@ from registry import timeparse
 from registry.eventlog import StoredEvent
 from registry.fold import draining
 from registry.protocol import WorkerInfo, WorkerStatus
+from registry.timetravel import FleetAt
 
 COLUMNS: Final = (
     "NAME", "ID", "CAPABILITY", "STATUS", "TASKS", "CPU%", "MEM%", "GPU%", "LAST HEARTBEAT", "HOST",
@@ -53,6 +54,22 @@ def worker_row(r: WorkerInfo, at: datetime) -> list[str]:
 
 def workers_table(records: Iterable[WorkerInfo], at: datetime) -> str:
     return table(COLUMNS, [worker_row(r, at) for r in records])
+
+
+def history_text(fleet: FleetAt, worker_id: str) -> str:
+    """How far a record of `registry workers --at` can be trusted (empty: complete)."""
+    reach = fleet.reach.get(worker_id)
+    if reach is None:
+        return ""
+    kinds = ",".join(reach.missing or reach.trimmed)
+    return f"{reach.state} ({kinds})"
+
+
+def workers_at_table(records: Iterable[WorkerInfo], fleet: FleetAt) -> str:
+    """The workers table as of `fleet.at` (ages counted from then), and HISTORY: what a
+    record's trimmed history lacks."""
+    rows = [[*worker_row(r, fleet.at), history_text(fleet, r.worker_id)] for r in records]
+    return table((*COLUMNS, "HISTORY"), rows)
 
 
 def events_table(events: Iterable[StoredEvent]) -> str:

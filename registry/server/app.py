@@ -183,7 +183,9 @@ async def serve(
                                    connect_timeout_s=settings.connect_timeout_s),
                     client=ServiceClient,
                 )  # fmt: skip
-                service = await start_service(service_nc, registry)
+                service = await start_service(
+                    service_nc, registry, retention_s=settings.retention_s
+                )
                 await answer_brake(service_nc, registry)
             try:
                 async with registry_metrics(registry, settings.metrics_host, settings.metrics_port):

@@ -14,6 +14,8 @@ larger than max_payload):
     registry.stats    {}                                    -> stats + projector counters
     registry.pick     {capability?, content_type?}          -> {worker: WorkerInfo | null}
     registry.history  {worker_id, since?, until?, limit?}   -> {events}
+    registry.at       {at, ...registry.list's fields}       -> {at, through_seq, workers,
+                                                                next, reach, unknown, ...}
 
 The service answers on the projector's event loop, so no request may hold it long.
 A listing is paged: workers in id order after the cursor `after` (the last id of
@@ -27,12 +29,22 @@ answer what query.stats and query.pick would over the same records.
 History is read from WORKER_EVENTS by registry.eventlog, through a consumer
 filtered on the worker's subjects (`worker.*.<id>`): the cost follows that
 worker's events, not the size of the stream.
+
+`registry.at` folds the stream up to a moment (registry.timetravel), a few seconds
+for 40,000 events: it gives the loop up every 128 events, runs one fold at a time,
+gives up past AT_MAX_EVENTS, and keeps the last few folds by moment, so the pages
+of one walk (asked with the answer's absolute `at`) come from one fold.
 """
 
 from __future__ import annotations
 
+import asyncio
+import bisect
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterator, Mapping
+from datetime import datetime
+from functools import partial
 from importlib import metadata
 from typing import Annotated, Any, Final, Protocol, TypeVar
 
@@ -44,7 +56,7 @@ from nats.aio.client import Client
 from nats.micro.request import Request, ServiceError
 from nats.micro.service import Service
 
-from registry import protocol, query, timeparse
+from registry import protocol, query, timeparse, timetravel
 from registry.catalog import Catalog
 from registry.eventlog import READ_CONSUMER_PREFIX, EventQuery, read_events
 from registry.protocol import (
@@ -89,6 +101,25 @@ class ListRequest(msgspec.Struct, frozen=True, kw_only=True):
     after: str | None = None
 
 
+class AtRequest(ListRequest, frozen=True, kw_only=True):
+    at: str  # RFC 3339 or an age (`10m`); the answer's `at` is the moment, to the millisecond
+
+
+class AtPage(msgspec.Struct, kw_only=True):
+    """A page of the fleet as of `at`: `reach` for this page's records whose history was
+    trimmed, `unknown` (the first 100 of `unknown_count`) for the whole fleet."""
+
+    at: datetime
+    through_seq: int
+    workers: list[msgspec.Raw]
+    next: str | None
+    reach: dict[str, timetravel.Reach]
+    unknown: list[str]
+    unknown_count: int
+    purged: int
+    max_msgs_per_subject: int
+
+
 class GetRequest(msgspec.Struct, frozen=True, kw_only=True):
     worker_id: str
 
@@ -117,6 +148,10 @@ class TooLarge(ValueError):
     """Maps to a 413 answer."""
 
 
+class TooMuchToFold(ValueError):
+    """Maps to a 413 answer: `registry.at` past AT_MAX_EVENTS."""
+
+
 T = TypeVar("T")
 
 
@@ -137,15 +172,17 @@ class Page(msgspec.Struct, kw_only=True):
 def page(
     records: Iterator[WorkerInfo], f: query.Filter, limit: int, budget: int,
     is_last: Callable[[str], bool], examined_max: int = EXAMINED_MAX,
+    extra: Callable[[WorkerInfo], int] | None = None,
 ) -> Page:  # fmt: skip
-    """Up to `limit` matching records, encoded, in at most `budget` bytes, looking at no
-    more than `examined_max` records; `next` follows the last record looked at."""
+    """Up to `limit` matching records, encoded, in at most `budget` bytes (counting
+    `extra(record)` more for each), looking at no more than `examined_max` records;
+    `next` follows the last record looked at."""
     workers: list[msgspec.Raw] = []
     size, last = 0, None
     for examined, r in enumerate(records, 1):
         if query.matches(r, f):
             body = protocol.encode(r)
-            size += len(body) + 1
+            size += len(body) + 1 + (extra(r) if extra else 0)
             if size > budget:
                 if not workers:
                     raise TooLarge(f"worker {r.worker_id!r} alone is {len(body)} bytes")
@@ -192,10 +229,13 @@ Handler = Callable[[bytes], Awaitable[object]]
 class Endpoints:
     """One method per endpoint: request bytes in, a msgspec-encodable answer out."""
 
-    def __init__(self, nc: Client, view: RegistryView, events_stream: str) -> None:
+    def __init__(
+        self, nc: Client, view: RegistryView, events_stream: str, retention_s: float
+    ) -> None:
         self.nc = nc
         self.view = view
         self.events_stream = events_stream
+        self.moments = Moments(nc, events_stream, retention_s)
 
     async def list(self, data: bytes) -> object:
         req = decode_request(data, ListRequest)
@@ -235,6 +275,84 @@ class Endpoints:
             raise NotFound(f"no worker with id {worker_id!r} and no events for it")
         return {"events": events}
 
+    async def at(self, data: bytes) -> object:
+        req = decode_request(data, AtRequest)
+        f = to_filter(req)
+        after = None if req.after is None else checked_id(req.after)
+        try:
+            when = timeparse.parse_at(req.at, protocol.utcnow())
+        except timeparse.TimeParseError as e:
+            raise BadRequest(str(e)) from None
+        try:
+            fleet, ids = await self.moments.get(_to_ms(when))
+        except timetravel.OutOfReach as e:
+            raise BadRequest(str(e)) from None
+        except timetravel.TooManyEvents as e:
+            raise TooMuchToFold(
+                f"{e}: too many for the registry to fold beside its projector; "
+                "`registry workers --at` folds them in its own process"
+            ) from None
+        unknown = fleet.unknown[:UNKNOWN_LISTED]
+        budget = self.nc.max_payload - ENVELOPE_BYTES - len(protocol.encode(unknown))
+        start = 0 if after is None else bisect.bisect_right(ids, after)
+        found = page((fleet.records[i] for i in ids[start:]), f, req.limit, budget,
+                     lambda wid: wid == ids[-1], extra=partial(_reach_bytes, fleet))  # fmt: skip
+        end = len(ids) if found.next is None else bisect.bisect_right(ids, found.next)
+        shown = (w for w in ids[start:end] if w in fleet.reach)  # the page: (after, next]
+        return AtPage(
+            at=fleet.at, through_seq=fleet.through_seq, workers=found.workers, next=found.next,
+            reach={w: fleet.reach[w] for w in shown if query.matches(fleet.records[w], f)},
+            unknown=unknown,
+            unknown_count=len(fleet.unknown), purged=fleet.purged, max_msgs_per_subject=fleet.limit,
+        )  # fmt: skip
+
+
+UNKNOWN_LISTED: Final = 100
+AT_MAX_EVENTS: Final = 250_000  # a fold of about 12 s of the registry's CPU; the CLI has no cap
+
+
+def _to_ms(when: datetime) -> datetime:
+    """The moment as the answer writes it (milliseconds), so asking again with the
+    answer's `at` finds the same fold."""
+    return when.replace(microsecond=when.microsecond // 1000 * 1000)
+
+
+def _reach_bytes(fleet: timetravel.FleetAt, record: WorkerInfo) -> int:
+    reach = fleet.reach.get(record.worker_id)
+    return 0 if reach is None else len(record.worker_id) + len(protocol.encode(reach)) + 4
+
+
+class Moments:
+    """Folds of the stream by moment: one at a time, the last `keep` kept `ttl_s`."""
+
+    def __init__(
+        self, nc: Client, stream: str, retention_s: float, keep: int = 4, ttl_s: float = 60.0
+    ) -> None:
+        self.nc, self.stream, self.retention_s = nc, stream, retention_s
+        self.keep, self.ttl_s = keep, ttl_s
+        self._folds: OrderedDict[datetime, tuple[float, timetravel.FleetAt, list[str]]] = (
+            OrderedDict()
+        )
+        self._one_at_a_time = asyncio.Lock()
+
+    async def get(self, when: datetime) -> tuple[timetravel.FleetAt, list[str]]:
+        """The fleet at `when` and its worker ids in order."""
+        async with self._one_at_a_time:
+            now = time.monotonic()
+            for key in [k for k, (t, _, _) in self._folds.items() if now - t > self.ttl_s]:
+                del self._folds[key]
+            if when in self._folds:
+                self._folds.move_to_end(when)
+                _, fleet, ids = self._folds[when]
+                return fleet, ids
+            fleet = await timetravel.fleet_at(self.nc, when, self.retention_s, self.stream,
+                                              max_events=AT_MAX_EVENTS)  # fmt: skip
+            ids = sorted(fleet.records)
+            self._folds[when] = (time.monotonic(), fleet, ids)
+            while len(self._folds) > self.keep:
+                self._folds.popitem(last=False)
+            return fleet, ids
+
 
 def with_lag(counters: Mapping[str, int | float]) -> dict[str, int | float]:
     """The view's counters as they are, plus `lag`: events in the stream not yet folded
@@ -253,6 +371,9 @@ DESCRIPTIONS: Final = {
     " ({registry: {instance, role, active: {holder, epoch, since}}})",
     "pick": "the least loaded available worker for {capability?, content_type?}",
     "history": "events of {worker_id} from WORKER_EVENTS {since?, until?, limit?}",
+    "at": "a page of the fleet as it was at {at} (RFC 3339 or an age), folded from"
+    " WORKER_EVENTS, with registry.list's filters and paging; {reach} says which records'"
+    " history was trimmed",
 }
 
 
@@ -320,6 +441,8 @@ def _handler(fn: Handler, max_payload: Callable[[], int]) -> Callable[[Request],
             raise ServiceError("404", str(e)) from None
         except TooLarge as e:
             raise ServiceError("413", f"{e}: more than the server's max_payload") from None
+        except TooMuchToFold as e:
+            raise ServiceError("413", str(e)) from None
         body = protocol.encode(answer)
         if len(body) > max_payload():
             raise ServiceError(
@@ -339,14 +462,17 @@ def _version() -> str:
 
 
 async def start_service(
-    nc: Client, view: RegistryView, *, events_stream: str = EVENTS_STREAM
-) -> Service:
-    """Start `worker-registry` on nc; the caller stops it with `await service.stop()`."""
+    nc: Client, view: RegistryView, *, events_stream: str = EVENTS_STREAM,
+    retention_s: float = 86400.0,
+) -> Service:  # fmt: skip
+    """Start `worker-registry` on nc; the caller stops it with `await service.stop()`.
+    `retention_s`: the registry's, so `registry.at` leaves out what it had purged."""
     service = await nats.micro.add_service(
         nc, name=protocol.SERVICE_NAME, version=_version(),
-        description="Worker registry: list, get, stats, pick and history of compute workers",
+        description="Worker registry: list, get, stats, pick, history and the fleet at a"
+        " moment (at) of compute workers",
     )  # fmt: skip
-    endpoints = Endpoints(nc, view, events_stream)
+    endpoints = Endpoints(nc, view, events_stream, retention_s)
     group = service.add_group(name="registry")
     for name, description in DESCRIPTIONS.items():
         handler = _handler(getattr(endpoints, name), lambda: nc.max_payload)

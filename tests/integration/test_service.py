@@ -51,7 +51,7 @@ async def test_info_lists_every_endpoint(nc: Client, service: Service) -> None:
     info = json.loads((await nc.request("$SRV.INFO.worker-registry", b"", timeout=2.0)).data)
     subjects = {e["subject"] for e in info["endpoints"]}
     assert info["name"] == "worker-registry"
-    assert subjects == {f"registry.{n}" for n in ("list", "get", "stats", "pick", "history")}
+    assert subjects == {f"registry.{n}" for n in ("list", "get", "stats", "pick", "history", "at")}
 
 
 async def test_stats_verb_counts_requests_per_endpoint(nc: Client, service: Service) -> None:

@@ -397,6 +397,8 @@ async def test_an_operator_reads_events_and_the_bucket_and_deletes_nothing(
     events = await command("events", "--worker", "w1", *flags)
     assert [e["kind"] for e in events] == ["register"]
     assert (await command("stats", *flags))["total"] == 1
+    at = await command("workers", "--at", "0s", *flags)  # the whole stream, read as an operator
+    assert [w["registration"]["worker_id"] for w in at["workers"]] == ["w1"]
 
     c = await connect_as(secured.url, path)
     try:
@@ -406,6 +408,8 @@ async def test_an_operator_reads_events_and_the_bucket_and_deletes_nothing(
         kv = await c.js.key_value(protocol.BUCKET)  # STREAM.INFO, then a direct get
         assert (await kv.get("w1")).value
         assert {s.config.name for s in await c.js.streams_info()} >= {protocol.EVENTS_STREAM}
+        at = await c.nc.request("registry.at", b'{"at": "0s"}', timeout=5)  # the service folds
+        assert [w["registration"]["worker_id"] for w in json.loads(at.data)["workers"]] == ["w1"]
         ping = await c.nc.request("$SRV.PING.worker-registry", b"", timeout=5)  # nats micro ls
         assert json.loads(ping.data)["name"] == "worker-registry"
         for stream in (protocol.EVENTS_STREAM, protocol.AVAILABILITY_STREAM, "KV_workers"):
