@@ -65,7 +65,7 @@ async def test_events_stream_captures_only_the_event_subjects(nc: Client) -> Non
     info = await api(nc, "STREAM.INFO.WORKER_EVENTS")
     assert info["config"]["subjects"] == [
         "worker.register.*", "worker.heartbeat.*", "worker.unregister.*", "worker.expired.*",
-        "worker.late.*",
+        "worker.late.*", "worker.cordon.*", "worker.uncordon.*", "worker.drain.*",
     ]  # fmt: skip
     avail = await api(nc, "STREAM.INFO.WORKER_AVAILABILITY")
     assert avail["config"]["subjects"] == ["worker.available.*"]
