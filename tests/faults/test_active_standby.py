@@ -56,8 +56,8 @@ from tests.integration.registry_helpers import (
 WORKERS = 200
 RATE_HZ = 5.0  # 1,000 events a second
 DECLARED_INTERVAL_S = 2.0  # a 6 s timeout: only a registry that loses beats expires anyone
-KILLING_S = float(os.environ.get("FAULTS_HA_SECONDS", "30"))
-MIN_KILLS = 5
+KILLING_S = float(os.environ.get("FAULTS_HA_SECONDS", "20"))
+MIN_KILLS = 4
 TAKEOVER_BOUND_S = 10.0  # each one; 3 s TTL + 0.25 s poll, with a busy machine's slack
 SEED = 11
 

@@ -13,7 +13,7 @@ from tests.integration.http_helpers import registry_with_gateway
 from tests.integration.registry_helpers import bounded
 
 HERE = Path(__file__).parent
-EXAMPLES = int(os.environ.get("SCHEMATHESIS_EXAMPLES", "25"))
+EXAMPLES = int(os.environ.get("SCHEMATHESIS_EXAMPLES", "15"))
 SEED = os.environ.get("SCHEMATHESIS_SEED", "1")  # fixed: CI reruns the same cases
 
 
