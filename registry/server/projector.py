@@ -516,13 +516,14 @@ class Projector:
         """A drained worker's agent is told to finish and leave: when the drain is folded,
         and again on its heartbeats (a message on core NATS may be missed) until it has
         left. An uncordon lifts it."""
-        if not self._recent(stored_at):
-            return
+        was_draining = before is not None and before.cordon is not None and draining(before)
         cordon = after.cordon
+        if (cordon is None and not was_draining) or not self._recent(stored_at):
+            return  # the common case: nobody drained, one check per event
         if cordon is not None and draining(after):
             batch.controls[wid] = Control(action="drain", reason=_said(cordon),
                                           incarnation=after.incarnation)  # fmt: skip
-        elif before is not None and draining(before) and after.cordon is None:
+        elif was_draining and cordon is None and before is not None:
             batch.controls[wid] = Control(action="uncordon", reason="the drain was lifted",
                                           incarnation=before.incarnation)  # fmt: skip
 
