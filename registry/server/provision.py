@@ -15,6 +15,7 @@ from datetime import datetime
 from typing import Any
 
 import msgspec
+import structlog
 from nats.aio.client import Client
 
 from registry import protocol
@@ -29,6 +30,13 @@ STREAM_EXISTS = 10058
 API_TIMEOUT_S = 1.0  # short: a request lost in a restart or an election is asked again
 MAX_PATIENCE_S = 10.0
 _patience: ContextVar[float] = ContextVar("api_timeout_s", default=API_TIMEOUT_S)
+
+# Fields a newer definition may turn on in a stream that an older version provisioned:
+# the server takes them in place (STREAM.UPDATE), keeping every message. Per-message
+# TTLs (purge markers that expire) can be enabled on an existing stream, never disabled.
+UPGRADABLE: dict[str, object] = {"allow_msg_ttl": True}
+
+log = structlog.get_logger("registry.provision")
 
 
 @contextlib.contextmanager
@@ -119,19 +127,38 @@ def config_diff(
     ]
 
 
+def upgrades(wanted: dict[str, Any], actual: dict[str, Any]) -> dict[str, Any]:
+    """The fields of `wanted` that an existing stream lacks and may be given in place."""
+    return {
+        k: v for k, v in UPGRADABLE.items()
+        if wanted.get(k) == v and actual.get(k) != v
+    }  # fmt: skip
+
+
 async def ensure_stream(nc: Client, cfg: dict[str, Any]) -> bool:
-    """Create the stream, or check that the existing one matches. True if created."""
+    """Create the stream, or check that the existing one matches (turning on what
+    UPGRADABLE allows in place: a deployment of an older version). True if created."""
     name = cfg["name"]
     info = await api(nc, f"STREAM.INFO.{name}")
     if "error" not in info:
-        diff = config_diff(cfg, info["config"])
+        new = upgrades(cfg, info["config"])
+        diff = config_diff(cfg, info["config"], skip=frozenset(new))
         if diff:
             raise ProvisionError(f"stream {name} exists with a different config: " + "; ".join(diff))
+        if new:
+            await _upgrade(nc, name, {**info["config"], **new})
+            log.info("stream_upgraded", stream=name, fields=sorted(new))
         return False
     resp = await api(nc, f"STREAM.CREATE.{name}", cfg)
     if "error" in resp:
         raise ProvisionError(f"cannot create stream {name}: {resp['error'].get('description')}")
     return True
+
+
+async def _upgrade(nc: Client, name: str, config: dict[str, Any]) -> None:
+    resp = await api(nc, f"STREAM.UPDATE.{name}", config, patient=True)
+    if "error" in resp:
+        raise ProvisionError(f"cannot update stream {name}: {resp['error'].get('description')}")
 
 
 async def provision(nc: Client, names: Names = DEFAULT_NAMES, replicas: int = 1) -> bool:
