@@ -31,7 +31,7 @@ from nats.js import JetStreamContext, api
 
 from registry.connect import Auth, NatsOptions, Reconnect, connect
 from registry.fold import availability
-from registry.lastvalues import Arrivals, stream_keys
+from registry.lastvalues import RELIST_S, Arrivals, stream_keys
 from registry.protocol import (
     AVAILABILITY_DECODER,
     AVAILABILITY_STREAM,
@@ -136,9 +136,16 @@ class Router:
             raise
 
     async def ready(self) -> None:
-        """Return once every worker's availability as of start() is in memory."""
+        """Return once every worker's availability as of start() is in memory (a worker
+        whose message went meanwhile, a purged worker's expiring, is not waited for)."""
         await self.start()
-        await self._arrivals.wait()
+        while not self._arrivals.is_done:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(RELIST_S):
+                    await self._arrivals.wait()
+            if not self._arrivals.is_done:
+                with contextlib.suppress(Exception):  # no answer now: wait and list again
+                    self._arrivals.prune(await stream_keys(self.nc, self._stream, self._prefix))
 
     @property
     def is_ready(self) -> bool:
