@@ -35,7 +35,23 @@ class RegistrySettings(BaseModel):
     brake_fraction: float = Field(default=0.5, gt=0.0, le=1.0, description="1 disables")
     brake_min_fleet: int = Field(default=10, ge=1)
     brake_window_s: float = Field(default=30.0, gt=0)
-    retention_s: float = Field(default=86400.0, gt=0)
+    retention_s: float = Field(
+        default=86400.0, gt=0, description="offline records are purged this long after going offline"
+    )
+    purge_every_s: float = Field(
+        default=1.0, gt=0, le=3600.0,
+        description="a purge pass at most this often, while events flow or not",
+    )  # fmt: skip
+    purge_batch: int = Field(
+        default=1000, ge=1, le=20000,
+        description="records purged per pass at most (a full pass is followed by another "
+        "after the next batch of events)",
+    )  # fmt: skip
+    purge_marker_ttl_s: int = Field(
+        default=3600, ge=1, le=30 * 86400,
+        description="how long a purged worker's bucket marker and `purged` availability "
+        "message stay (Nats-TTL) before the server removes them",
+    )  # fmt: skip
     batch_size: int = Field(default=4096, ge=1, le=20000)
     replicas: int = Field(default=1, ge=1, le=5)
     control_max_age_s: float = Field(default=30.0, gt=0)
