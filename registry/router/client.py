@@ -35,6 +35,7 @@ from registry.lastvalues import RELIST_S, Arrivals, stream_keys
 from registry.protocol import (
     AVAILABILITY_DECODER,
     AVAILABILITY_STREAM,
+    PURGED,
     WORKER_INFO_DECODER,
     Availability,
     WorkerCapability,
@@ -78,6 +79,7 @@ class Router:
         self._arrivals = Arrivals()  # the workers listed at start(), until each has come
         self._last_seq = 0
         self.rejected = 0  # availability messages not taken: undecodable, out of bounds, wrong id
+        self.forgotten = 0  # workers dropped from the index: purged after retention
         self._asking: dict[str, asyncio.Future[None]] = {}  # worker id -> its question
         self._watchers: set[asyncio.Queue[object]] = set()
         self._owns_connection = False
@@ -182,7 +184,9 @@ class Router:
         return len(self.index)
 
     async def changes(self) -> AsyncIterator[Availability]:
-        """Every change taken into the index from the first iteration on, until close().
+        """Every change taken into the index from the first iteration on, until close():
+        a worker that leaves it (purged after retention) comes once more, with reason
+        `purged`.
 
         Changes wait in an unbounded queue per iterator; iterate promptly."""
         queue: asyncio.Queue[object] = asyncio.Queue()
@@ -229,10 +233,21 @@ class Router:
         self._update(avail)
 
     def _update(self, avail: Availability) -> None:
+        if avail.reason == PURGED and not avail.available:
+            self._forget(avail)
+            return
         if self.index.update(avail):
             taken = self.index.get(avail.worker_id)  # the index's own (shared) value
             for queue in self._watchers:
                 queue.put_nowait(taken)
+
+    def _forget(self, purged: Availability) -> None:
+        """The worker's record was purged after retention: it leaves the index (a router
+        that starts once the message's TTL has run out never hears of it)."""
+        if self.index.remove(purged.worker_id, purged.event_seq):
+            self.forgotten += 1
+            for queue in self._watchers:
+                queue.put_nowait(purged)
 
     def _reject(self, subject: str, event: str, **fields: object) -> None:
         """Not taken; and since a router that starts now would know nothing else of
