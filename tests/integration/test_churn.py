@@ -1,6 +1,7 @@
 """Churn without growth: thousands of worker ids come and go under steady load; once
-their records are purged after retention, the registry, the routers, the bucket and
-the availability stream hold the live fleet again, and nothing more."""
+their records are purged after retention, the registry (projector, catalog, sweeper),
+a standby's view, the routers, the bucket and the availability stream hold the live
+fleet again, and nothing more."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from registry.protocol import PURGED
 from registry.router import Router
 from registry.server.app import Registry
 from registry.server.embedded import NatsServer
+from registry.server.follower import Follower
 from tests.conftest import eventually, stop_task
 from tests.integration.registry_helpers import (
     AVAILABILITY,
@@ -132,6 +134,8 @@ async def test_churned_workers_leave_registry_routers_bucket_and_stream(
         await load.register_steady()
         router = await Router.connect(nats_server.url)
         await router.ready()
+        standby = Follower(nc)  # a standby registry's view of the bucket
+        following = asyncio.create_task(standby.run())
         task = asyncio.create_task(load.run())
         try:
             # purges while events flow: both counters move between samples
@@ -146,6 +150,7 @@ async def test_churned_workers_leave_registry_routers_bucket_and_stream(
             await eventually(lambda: reg.counters()["offline_purged"] >= gone, timeout=20)
             await eventually(lambda: _projector_holds(reg, live), timeout=15)
             await eventually(lambda: set(router.snapshot()) == live, timeout=10)
+            await eventually(lambda: set(standby.records()) == live, timeout=10)
             assert router.forgotten >= CHURN - RETURNING
             await eventually(lambda: _messages_are(js, len(live)), timeout=15)
             assert task.done() is False, "the steady load ran throughout"
@@ -156,6 +161,7 @@ async def test_churned_workers_leave_registry_routers_bucket_and_stream(
                 assert late.forgotten == 0
         finally:
             await stop_task(task, "the load")
+            await stop_task(following, "the follower")
             await router.close()
     assert all(a.reason != PURGED for a in router.snapshot().values())
 
