@@ -184,6 +184,7 @@ def markdown(doc: dict[str, Any]) -> str:
     out += _service(_get(r, "service"))
     out += _ha(_get(r, "ha"))
     out += _http(_get(r, "http"))
+    out += _churn(_get(r, "churn"))
     return "\n".join(out)
 
 
@@ -402,4 +403,38 @@ def _service(sv: list[dict[str, Any]] | None) -> list[str]:
         out += _table(["computed in process", "p50 / p99 / max us"],
                       [[k, _p(v)] for k, v in local.items()])  # fmt: skip
         out += [", ".join(f"{k}: {v}x" for k, v in x["ratios"].items()), ""]
+    return out
+
+
+def _churn(c: dict[str, Any] | None) -> list[str]:
+    if not c:
+        return []
+    out = ["## Churn without growth (bench/churn.py)", ""]
+    out += [(f"{c['live']:,} live workers beating every {c['interval_s']:.0f} s throughout; "
+             f"{c['churn']:,} distinct ids registered over {c['churn_s']:.0f} s, each living "
+             f"{c['life_s'][0]:.0f}-{c['life_s'][1]:.0f} s, then unregistering or ({c['silent_share']:.0%}) "
+             f"falling silent and expiring; retention {c['settings']['retention_s']:.0f} s, marker TTL "
+             f"{c['settings']['purge_marker_ttl_s']} s. Timeline (s from the first churned id): "
+             f"{c['timeline_s']}."), ""]  # fmt: skip
+    pk = c["peak"]
+    rows = []
+    for name, key, sub in (
+        ("registry records", "registry", "records"), ("registry RSS (MiB)", "registry", "rss_mib"),
+        ("registry Python blocks", "registry", "heap_blocks"),
+        ("router index (workers)", "router", "workers"), ("router RSS (MiB)", "router", "rss_mib"),
+        ("router Python blocks", "router", "heap_blocks"),
+        ("KV_workers messages", "bucket", "messages"), ("KV_workers bytes", "bucket", "bytes"),
+        ("WORKER_AVAILABILITY messages", "availability", "messages"),
+        ("WORKER_AVAILABILITY bytes", "availability", "bytes"),
+        ("WORKER_EVENTS messages (history, kept)", "events", "messages"),
+    ):  # fmt: skip
+        ratio_key = f"{key}_{'rss' if sub == 'rss_mib' else sub}"
+        rows.append([name, f"{c['baseline'][key][sub]:,}", f"{c['start'][key][sub]:,}",
+                     f"{pk.get(f'{key}_{sub}', '?'):,}", f"{c['end'][key][sub]:,}",
+                     c["end_over_baseline"].get(ratio_key)])  # fmt: skip
+    out += _table(["figure", "baseline (live fleet only)", "start", "peak", "end",
+                   "end / baseline"], rows)  # fmt: skip
+    out += [(f"While churning: projector lag at most {pk.get('lag_s')} s, {pk.get('pending')} "
+             f"events pending; counters at the end {c['counters']}. What the registry holds at "
+             f"the end: {c['end']['registry']['held']}."), ""]  # fmt: skip
     return out
