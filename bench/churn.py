@@ -214,8 +214,8 @@ async def _churn(
         "timeline_s": {"churn": round(churned_s, 1), "all_purged": round(purged_s, 1),
                        "end_measured": round(time.monotonic() - t0, 1)},
         "counters": {k: counters.get(k) for k in (
-            "events_applied", "offline_purged", "expiries_published", "availability_published",
-            "resyncs", "foreign_writes_repaired")},
+            "events_applied", "events_ignored", "offline_purged", "expiries_published",
+            "lates_published", "availability_published", "resyncs", "foreign_writes_repaired")},
         "registered": driver.registered, "ended": driver.ended,
     }  # fmt: skip
 

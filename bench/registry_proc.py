@@ -67,6 +67,8 @@ def held(registry: Registry) -> dict[str, int]:
         "sweeper_deadlines": len(s.heap), "sweeper_heap_items": len(s.heap._heap),
         "sweeper_late_items": len(s.late_heap._heap), "sweeper_silent": len(s._silent),
         "sweeper_attempts": len(s._attempts), "follower": len(registry.follower.catalog),
+        "shared_parts": sum(len(c) for c in (p.parts._hardware, p.parts._gpus, p.parts._strings,
+                                             p.parts._models, p.parts._types, p.parts._tags)),
     }  # fmt: skip
 
 

@@ -20,6 +20,13 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 MARKER_SLACK_S = 2.0  # the server removes an expired message a little after its TTL
+COMPACT_ABOVE = 4096  # entries at the peak before a table is worth copying smaller
+
+
+def shrunk(size: int, peak: int) -> bool:
+    """A table of `size` entries that held `peak` is worth copying at its size (a dict
+    keeps the size of its peak until it is copied)."""
+    return peak >= COMPACT_ABOVE and 4 * size <= peak
 
 
 @dataclass(slots=True)
@@ -31,11 +38,13 @@ class OfflineSince:
 
     _heap: list[tuple[float, str]] = field(default_factory=list)
     _since: dict[str, float] = field(default_factory=dict)
+    _peak: int = 0
 
     def set(self, worker_id: str, offline_at: float) -> None:
         if self._since.get(worker_id) == offline_at:
             return
         self._since[worker_id] = offline_at
+        self._peak = max(self._peak, len(self._since))
         heapq.heappush(self._heap, (offline_at, worker_id))
         if len(self._heap) > 2 * len(self._since) + 1024:
             self._heap = [(at, wid) for wid, at in self._since.items()]
@@ -54,10 +63,19 @@ class OfflineSince:
             if self._since.get(wid) == at:
                 del self._since[wid]
                 out.append(wid)
+        if shrunk(len(self._since), self._peak):
+            self.compact()
         return out
 
     def __len__(self) -> int:
         return len(self._since)
+
+    def compact(self) -> None:
+        """Tables at the size of what is left."""
+        self._since = dict(self._since)
+        self._heap = [(at, wid) for wid, at in self._since.items()]
+        heapq.heapify(self._heap)
+        self._peak = len(self._since)
 
 
 @dataclass(slots=True)
@@ -72,10 +90,12 @@ class Markers:
     revisions: dict[str, int] = field(default_factory=dict)
     _expiry: list[tuple[float, str, int]] = field(default_factory=list)
     _legacy: list[tuple[str, int]] = field(default_factory=list)
+    _peak: int = 0
 
     def add(self, worker_id: str, revision: int, expires_at: float | None) -> None:
         """A marker at `revision`; `expires_at` None: it has no TTL."""
         self.revisions[worker_id] = revision
+        self._peak = max(self._peak, len(self.revisions))
         if expires_at is None:
             self._legacy.append((worker_id, revision))
         else:
@@ -93,6 +113,8 @@ class Markers:
             if self.revisions.get(wid) == revision:
                 del self.revisions[wid]
                 gone += 1
+        if shrunk(len(self.revisions), self._peak):
+            self.compact()
         return gone
 
     def legacy(self, most: int) -> list[str]:
@@ -106,6 +128,13 @@ class Markers:
 
     def __len__(self) -> int:
         return len(self.revisions)
+
+    def compact(self) -> None:
+        """Tables at the size of what is left."""
+        self.revisions = dict(self.revisions)
+        self._expiry = [x for x in self._expiry if self.revisions.get(x[1]) == x[2]]
+        heapq.heapify(self._expiry)
+        self._peak = len(self.revisions)
 
 
 def loaded_markers(revisions: dict[str, int], expiring: dict[str, float]) -> Markers:

@@ -56,7 +56,7 @@ from registry.protocol import (
     encode,
     new_msg_id,
 )
-from registry.retention import Markers, OfflineSince, loaded_markers, offline_of
+from registry.retention import Markers, OfflineSince, loaded_markers, offline_of, shrunk
 from registry.server import provision
 from registry.server.consume import Puller
 from registry.server.jsmeta import ack_meta
@@ -197,6 +197,7 @@ class Projector:
         self._step = "start"  # of a resync, for the log when it fails
         self._purge_at = 0.0  # monotonic: the next purge pass, under load or idle
         self._floor = 0  # the checkpoint this projector last synced at
+        self._peak = 0  # the most records held since the tables were last sized
 
     # ------------------------------------------------------------ views
 
@@ -578,6 +579,7 @@ class Projector:
             await self._purge_records(due, legacy, now)
         full = len(due) + len(legacy) >= s.purge_batch
         self._purge_at = mono if full else mono + s.purge_every_s
+        self._compact()
 
     async def _purge_records(self, due: list[str], legacy: list[str], now: float) -> None:
         """Purge markers (compare-and-set on the revision) and `purged` availability, both
@@ -626,6 +628,21 @@ class Projector:
         self.counters.offline_purged += 1
         self.on_purged(wid)
         log.debug("offline_record_purged", worker_id=wid, revision=revision)
+
+    def _compact(self) -> None:
+        """Once the records are down to a quarter of their peak (a wave of churn purged),
+        copy the tables at the size of what is left: a dict keeps the size of its peak.
+        The shared-parts caches start again too (bounded, but filled by workers gone):
+        records keep the parts they point at."""
+        n = len(self.entries)
+        self._peak = max(self._peak, n)
+        if not shrunk(n, self._peak):
+            return
+        self.entries = dict(self.entries)
+        self.catalog.compact()
+        self.parts = Parts()
+        log.info("projector_tables_compacted", workers=n, peak=self._peak)
+        self._peak = n
 
     def _forget_old_controls(self, mono: float) -> None:
         """The control rate limit only looks one second back: keep no more than that."""

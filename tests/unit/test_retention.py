@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
-from registry.retention import MARKER_SLACK_S, Markers, OfflineSince, loaded_markers
+from registry.retention import (
+    COMPACT_ABOVE,
+    MARKER_SLACK_S,
+    Markers,
+    OfflineSince,
+    loaded_markers,
+    shrunk,
+)
 
 
 def test_offline_records_come_due_oldest_first_and_at_most_so_many() -> None:
@@ -57,3 +64,21 @@ def test_markers_without_a_ttl_are_listed_once_to_be_purged_again() -> None:
     markers.add("old", 11, expires_at=400.0)  # purged again, with a TTL
     assert markers.legacy(10) == []
     assert len(markers) == 2
+
+
+def test_tables_are_copied_smaller_once_down_to_a_quarter_of_their_peak() -> None:
+    index, markers = OfflineSince(), Markers()
+    for i in range(COMPACT_ABOVE):
+        index.set(f"w{i}", float(i))
+        markers.add(f"w{i}", i + 1, expires_at=float(i))
+    table = index._since
+    assert len(index.due(cutoff=COMPACT_ABOVE * 0.5, most=COMPACT_ABOVE)) == COMPACT_ABOVE // 2
+    assert index._since is table  # half: not yet
+    index.due(cutoff=COMPACT_ABOVE * 0.75 + 1, most=COMPACT_ABOVE)
+    assert index._since is not table and len(index) == COMPACT_ABOVE // 4 - 1
+    left = [f"w{i}" for i in range(3 * COMPACT_ABOVE // 4 + 1, COMPACT_ABOVE)]
+    assert index.due(cutoff=1e9, most=COMPACT_ABOVE) == left  # the heap was rebuilt right
+    revisions = markers.revisions
+    markers.expire(COMPACT_ABOVE * 0.75 + MARKER_SLACK_S)
+    assert markers.revisions is not revisions and len(markers) < COMPACT_ABOVE // 4
+    assert shrunk(0, COMPACT_ABOVE) and not shrunk(0, COMPACT_ABOVE - 1)
