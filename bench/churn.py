@@ -53,6 +53,7 @@ class Driver:
         self.live, self.churners = live, churners
         self.timeline: list[tuple[float, int, str]] = []
         self.registered = self.ended = 0
+        self.churning = False  # the churners' schedule starts with plan()
 
     def plan(self, start: float, churn_s: float, life_s: tuple[float, float], silent: float,
              rng: random.Random) -> float:  # fmt: skip
@@ -66,13 +67,15 @@ class Driver:
             heapq.heappush(self.timeline, (end, i, "silent" if rng.random() < silent else "leave"))
             last = max(last, end)
         self.churners.start(start)
+        self.churners.schedule.issued = 0  # beats count from `start`
+        self.churning = True
         return last
 
     async def run(self) -> None:
         while True:
             now = time.monotonic()
             await self.live.step(now)
-            if self.churners is not None:
+            if self.churners is not None and self.churning:
                 await self._churn(now, self.churners)
             await asyncio.sleep(0.05)
 
@@ -102,12 +105,18 @@ async def _streams(nc: Client) -> dict[str, dict[str, int]]:
 async def _measure(nc: Client, registry: RegistryProcess, router: RegistryProcess) -> dict[str, Any]:
     reg, rt = await registry.measure(), await router.measure()
     return {
-        "registry": {"records": reg["records"], "rss_mib": round(reg["rss"] / 2**20, 1),
-                     "heap_blocks": reg["heap_blocks"], "held": reg["held"]},
-        "router": {"workers": rt["workers"], "rss_mib": round(rt["rss"] / 2**20, 1),
-                   "heap_blocks": rt["heap_blocks"], "profiles": rt["profiles"]},
+        "registry": {"records": reg["records"], "rss_mib": _mib(reg["rss_untrimmed"]),
+                     "rss_trimmed_mib": _mib(reg["rss_trimmed"]), "heap_blocks": reg["heap_blocks"],
+                     "held": reg["held"]},
+        "router": {"workers": rt["workers"], "rss_mib": _mib(rt["rss_untrimmed"]),
+                   "rss_trimmed_mib": _mib(rt["rss_trimmed"]), "heap_blocks": rt["heap_blocks"],
+                   "profiles": rt["profiles"]},
         **await _streams(nc),
     }  # fmt: skip
+
+
+def _mib(n: int) -> float:
+    return round(n / 2**20, 1)
 
 
 class Peak:
@@ -225,9 +234,11 @@ def _ratios(a: dict[str, Any], b: dict[str, Any]) -> dict[str, float | None]:
     pairs = {
         "registry_records": (a["registry"]["records"], b["registry"]["records"]),
         "registry_rss": (a["registry"]["rss_mib"], b["registry"]["rss_mib"]),
+        "registry_rss_trimmed": (a["registry"]["rss_trimmed_mib"], b["registry"]["rss_trimmed_mib"]),
         "registry_heap_blocks": (a["registry"]["heap_blocks"], b["registry"]["heap_blocks"]),
         "router_workers": (a["router"]["workers"], b["router"]["workers"]),
         "router_rss": (a["router"]["rss_mib"], b["router"]["rss_mib"]),
+        "router_rss_trimmed": (a["router"]["rss_trimmed_mib"], b["router"]["rss_trimmed_mib"]),
         "router_heap_blocks": (a["router"]["heap_blocks"], b["router"]["heap_blocks"]),
         **{f"{k}_{m}": (a[k][m], b[k][m]) for k in STREAMS for m in ("messages", "bytes")},
     }

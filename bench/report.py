@@ -420,18 +420,20 @@ def _churn(c: dict[str, Any] | None) -> list[str]:
     rows = []
     for name, key, sub in (
         ("registry records", "registry", "records"), ("registry RSS (MiB)", "registry", "rss_mib"),
+        ("registry RSS after malloc_trim (MiB)", "registry", "rss_trimmed_mib"),
         ("registry Python blocks", "registry", "heap_blocks"),
         ("router index (workers)", "router", "workers"), ("router RSS (MiB)", "router", "rss_mib"),
+        ("router RSS after malloc_trim (MiB)", "router", "rss_trimmed_mib"),
         ("router Python blocks", "router", "heap_blocks"),
         ("KV_workers messages", "bucket", "messages"), ("KV_workers bytes", "bucket", "bytes"),
         ("WORKER_AVAILABILITY messages", "availability", "messages"),
         ("WORKER_AVAILABILITY bytes", "availability", "bytes"),
         ("WORKER_EVENTS messages (history, kept)", "events", "messages"),
     ):  # fmt: skip
-        ratio_key = f"{key}_{'rss' if sub == 'rss_mib' else sub}"
+        ratio_key = f"{key}_{sub.removesuffix('_mib')}"
         rows.append([name, f"{c['baseline'][key][sub]:,}", f"{c['start'][key][sub]:,}",
-                     f"{pk.get(f'{key}_{sub}', '?'):,}", f"{c['end'][key][sub]:,}",
-                     c["end_over_baseline"].get(ratio_key)])  # fmt: skip
+                     f"{pk[f'{key}_{sub}']:,}" if f"{key}_{sub}" in pk else "",
+                     f"{c['end'][key][sub]:,}", c["end_over_baseline"].get(ratio_key)])  # fmt: skip
     out += _table(["figure", "baseline (live fleet only)", "start", "peak", "end",
                    "end / baseline"], rows)  # fmt: skip
     out += [(f"While churning: projector lag at most {pk.get('lag_s')} s, {pk.get('pending')} "

@@ -23,6 +23,7 @@ sys.path[:] = [str(_HERE.parent), *(p for p in sys.path if Path(p).resolve() != 
 
 import psutil
 
+from bench.registry_proc import trimmed
 from registry import logs
 from registry.router import Router
 
@@ -44,7 +45,7 @@ async def main(url: str, every_s: float) -> None:
                 measure.clear()
                 gc.collect()
                 measured += 1
-                detail = {"measured": measured}
+                detail = {"measured": measured, **trimmed(me)}
             status = {
                 "ready": router.is_ready, "workers": len(router), "forgotten": router.forgotten,
                 "profiles": len(router.index._profiles), "holds": len(router.index._expiry),
