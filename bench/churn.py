@@ -7,12 +7,15 @@ their own, so their resident memory is theirs alone:
 - baseline: a steady live fleet (LIVE workers beating every 5 s) and nothing
   else: what a registry that only ever saw the live fleet holds;
 - churn: the same live fleet, measured once it is folded (`start`); then CHURN
-  distinct worker ids register over CHURN_S seconds, each beats every 5 s for
-  a lifetime drawn from LIFE_S, and then unregisters, or (a SILENT share) falls
-  silent and is expired 15 s later; every id is purged `retention_s` after it
-  went offline, while the live fleet and the other churners keep the events
-  flowing. The maxima seen meanwhile are `peak`; `end` is measured once every
-  churned id is purged and its markers' TTL has run out.
+  distinct worker ids, in WAVES waves (half each, by default), register over
+  CHURN_S seconds in all, each beats every 5 s for a lifetime drawn from
+  LIFE_S, and then unregisters, or (a SILENT share) falls silent and is expired
+  15 s later; every id is purged `retention_s` after it went offline, while the
+  live fleet and the other churners keep the events flowing. After each wave,
+  once every id of it is purged and its markers' TTL has run out, it is
+  measured; the last is `end`. The maxima seen meanwhile are `peak`. A second
+  wave that ends where the first did shows that what is left after a wave is
+  a high-water mark (memory the allocator keeps for reuse), not growth.
 
 Each measure (`start`, `end`, `baseline`) is a status line taken after a full
 collection in each child: the registry's RSS, Python's allocated memory blocks
@@ -56,19 +59,20 @@ class Driver:
         self.churning = False  # the churners' schedule starts with plan()
 
     def plan(self, start: float, churn_s: float, life_s: tuple[float, float], silent: float,
-             rng: random.Random) -> float:  # fmt: skip
-        """Every churner's register and end; returns when the last one ends."""
+             rng: random.Random, ids: range) -> float:  # fmt: skip
+        """The register and end of churners `ids`; returns when the last one ends."""
         assert self.churners is not None
-        n, last = len(self.churners.workers), start
-        for i in range(n):
-            at = start + churn_s * i / n
+        n, last = len(ids), start
+        for k, i in enumerate(ids):
+            at = start + churn_s * k / n
             end = at + rng.uniform(*life_s)
             heapq.heappush(self.timeline, (at, i, "register"))
             heapq.heappush(self.timeline, (end, i, "silent" if rng.random() < silent else "leave"))
             last = max(last, end)
-        self.churners.start(start)
-        self.churners.schedule.issued = 0  # beats count from `start`
-        self.churning = True
+        if not self.churning:
+            self.churners.start(start)
+            self.churners.schedule.issued = 0  # beats count from `start`
+            self.churning = True
         return last
 
     async def run(self) -> None:
@@ -147,7 +151,7 @@ class Peak:
 
 async def _run(
     label: str, live: int, churn: int, churn_s: float, life_s: tuple[float, float],
-    silent: float, settings: dict[str, Any], drain_timeout_s: float,
+    silent: float, settings: dict[str, Any], drain_timeout_s: float, waves: int = 1,
 ) -> dict[str, Any]:  # fmt: skip
     out: dict[str, Any] = {}
     async with nats_server(f"churn-{label}") as server:
@@ -175,7 +179,7 @@ async def _run(
             if churners is None:
                 return out
             out.update(await _churn(nc, registry, router, driver, live, churn_s, life_s, silent,
-                                    drain_timeout_s))  # fmt: skip
+                                    drain_timeout_s, waves))  # fmt: skip
         finally:
             if task is not None:
                 task.cancel()
@@ -190,43 +194,53 @@ async def _run(
 async def _churn(
     nc: Client, registry: RegistryProcess, router: RegistryProcess, driver: Driver, live: int,
     churn_s: float, life_s: tuple[float, float], silent: float, drain_timeout_s: float,
+    waves: int,
 ) -> dict[str, Any]:  # fmt: skip
+    """`waves` waves of distinct ids, each over churn_s / waves, each drained and measured."""
     assert driver.churners is not None
     churn = len(driver.churners.workers)
     t0 = time.monotonic()
-    last_end = driver.plan(t0, churn_s, life_s, silent, random.Random(13))
     peak = Peak()
     sampler = asyncio.create_task(peak.sample(nc, registry, router))
+    rng, measures, timeline = random.Random(13), [], []
     try:
-        await asyncio.sleep(max(0.0, last_end - time.monotonic()))
-        churned_s = time.monotonic() - t0
-        await registry.wait_for(lambda s: s["offline_purged"] >= churn, drain_timeout_s)
-        purged_s = time.monotonic() - t0
+        for wave in range(waves):
+            ids = range(churn * wave // waves, churn * (wave + 1) // waves)
+            last_end = driver.plan(time.monotonic(), churn_s / waves, life_s, silent, rng, ids)
+            await asyncio.sleep(max(0.0, last_end - time.monotonic()))
+            churned_s = time.monotonic() - t0
+            await registry.wait_for(lambda s, n=ids.stop: s["offline_purged"] >= n, drain_timeout_s)
+            purged_s = time.monotonic() - t0
+            drained = await _drained(nc, live, drain_timeout_s)
+            await router.wait_for(lambda s: s["workers"] == live, 30.0)
+            await asyncio.sleep(2.5)  # the registry forgets a marker's revision 2 s after its TTL
+            measures.append(await _measure(nc, registry, router))
+            timeline.append({"ids": ids.stop - ids.start, "churned": round(churned_s, 1),
+                             "all_purged": round(purged_s, 1), "drained": drained,
+                             "measured": round(time.monotonic() - t0, 1)})  # fmt: skip
     finally:
         sampler.cancel()
-    drained = False
-    deadline = time.monotonic() + drain_timeout_s
-    while time.monotonic() < deadline:  # the markers' TTL runs out; the server removes them
-        s = await _streams(nc)
-        if s["bucket"]["messages"] == live and s["availability"]["messages"] == live:
-            drained = True
-            break
-        await asyncio.sleep(0.5)
-    await router.wait_for(lambda s: s["workers"] == live, 30.0)
-    await asyncio.sleep(2.5)  # the registry forgets a marker's revision 2 s after its TTL
-    end = await _measure(nc, registry, router)
     counters = registry.latest
     return {
         "peak": {k: round(v, 2) for k, v in peak.figures.items()},
-        "end": end,
-        "drained": drained,
-        "timeline_s": {"churn": round(churned_s, 1), "all_purged": round(purged_s, 1),
-                       "end_measured": round(time.monotonic() - t0, 1)},
+        "waves": measures, "end": measures[-1], "timeline_s": timeline,
         "counters": {k: counters.get(k) for k in (
             "events_applied", "events_ignored", "offline_purged", "expiries_published",
             "lates_published", "availability_published", "resyncs", "foreign_writes_repaired")},
         "registered": driver.registered, "ended": driver.ended,
     }  # fmt: skip
+
+
+async def _drained(nc: Client, live: int, timeout_s: float) -> bool:
+    """Until the bucket and the availability stream hold the live fleet only (the markers'
+    TTL ran out and the server removed them)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        s = await _streams(nc)
+        if s["bucket"]["messages"] == live and s["availability"]["messages"] == live:
+            return True
+        await asyncio.sleep(0.5)
+    return False
 
 
 def _ratios(a: dict[str, Any], b: dict[str, Any]) -> dict[str, float | None]:
@@ -249,16 +263,19 @@ async def measure(
     live: int = 2000, churn: int = 20000, churn_s: float = 60.0,
     life_s: tuple[float, float] = (5.0, 20.0), silent: float = 0.25,
     retention_s: float = 10.0, marker_ttl_s: int = 5, drain_timeout_s: float = 120.0,
+    waves: int = 2,
 ) -> dict[str, Any]:  # fmt: skip
     """The baseline run, then the churn run; ratios end / baseline and end / start."""
     settings = {"retention_s": retention_s, "purge_marker_ttl_s": marker_ttl_s,
                 "brake_fraction": 1.0}  # fmt: skip
     base = await _run("baseline", live, 0, 0.0, life_s, silent, settings, drain_timeout_s)
-    run = await _run("churn", live, churn, churn_s, life_s, silent, settings, drain_timeout_s)
+    run = await _run("churn", live, churn, churn_s, life_s, silent, settings, drain_timeout_s,
+                     waves)
     return {
         "live": live, "churn": churn, "churn_s": churn_s, "life_s": list(life_s),
         "silent_share": silent, "interval_s": INTERVAL_S, "settings": settings,
         "baseline": base["start"], "start": run["start"], **{k: v for k, v in run.items() if k != "start"},
         "end_over_baseline": _ratios(run["end"], base["start"]),
         "end_over_start": _ratios(run["end"], run["start"]),
+        "end_over_first_wave": _ratios(run["end"], run["waves"][0]),
     }  # fmt: skip

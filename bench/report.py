@@ -436,6 +436,13 @@ def _churn(c: dict[str, Any] | None) -> list[str]:
                      f"{c['end'][key][sub]:,}", c["end_over_baseline"].get(ratio_key)])  # fmt: skip
     out += _table(["figure", "baseline (live fleet only)", "start", "peak", "end",
                    "end / baseline"], rows)  # fmt: skip
+    if len(c.get("waves", [])) > 1:
+        w = c["end_over_first_wave"]
+        out += [(f"After the last wave / after the first ({len(c['waves'])} waves of distinct ids): "
+                 f"registry RSS {w['registry_rss']}, Python blocks {w['registry_heap_blocks']}; "
+                 f"router RSS {w['router_rss']}, blocks {w['router_heap_blocks']}; "
+                 f"KV_workers bytes {w['bucket_bytes']}, WORKER_AVAILABILITY bytes "
+                 f"{w['availability_bytes']}."), ""]  # fmt: skip
     out += [(f"While churning: projector lag at most {pk.get('lag_s')} s, {pk.get('pending')} "
              f"events pending; counters at the end {c['counters']}. What the registry holds at "
              f"the end: {c['end']['registry']['held']}."), ""]  # fmt: skip
