@@ -8,6 +8,7 @@ import json
 import os
 import platform
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -171,9 +172,16 @@ class RegistryProcess:
     not counted.
     """
 
-    def __init__(self, url: str, every_s: float = 0.05) -> None:
+    def __init__(
+        self, url: str, every_s: float = 0.05, settings: dict[str, Any] | None = None,
+        script: Path = REGISTRY_PROC,
+    ) -> None:  # fmt: skip
+        """`settings`: RegistrySettings fields besides the URL; `script`: another child
+        that speaks the same way (bench/router_proc.py)."""
         self.url = url
         self.every_s = every_s
+        self.settings = settings or {}
+        self.script = script
         self.proc: asyncio.subprocess.Process | None = None
         self.latest: dict[str, Any] = {}
         self.started_at = 0.0
@@ -182,8 +190,8 @@ class RegistryProcess:
     async def start(self) -> None:
         self.started_at = time.monotonic()
         self.proc = await asyncio.create_subprocess_exec(
-            sys.executable, str(REGISTRY_PROC), self.url, str(self.every_s),
-            stdout=asyncio.subprocess.PIPE, cwd=str(ROOT),
+            sys.executable, str(self.script), self.url, str(self.every_s),
+            json.dumps(self.settings), stdout=asyncio.subprocess.PIPE, cwd=str(ROOT),
         )  # fmt: skip
         self._reader = asyncio.create_task(self._read())
 
@@ -207,6 +215,15 @@ class RegistryProcess:
             return bool(self.latest) and check(self.latest)
 
         return await until(ok, timeout_s, every_s=0.005)
+
+    async def measure(self, timeout_s: float = 60.0) -> dict[str, Any]:
+        """A status line taken after a full collection in the child (SIGUSR1), with the
+        sizes of what it holds."""
+        assert self.proc is not None
+        asked = int(self.latest.get("measured", 0)) + 1
+        self.proc.send_signal(signal.SIGUSR1)
+        await self.wait_for(lambda s: int(s.get("measured", 0)) >= asked, timeout_s)
+        return dict(self.latest)
 
     async def stop(self) -> None:
         if self.proc is None or self.proc.returncode is not None:

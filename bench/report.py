@@ -185,6 +185,7 @@ def markdown(doc: dict[str, Any]) -> str:
     out += _ha(_get(r, "ha"))
     out += _http(_get(r, "http"))
     out += _at(_get(r, "at"))
+    out += _churn(_get(r, "churn"))
     return "\n".join(out)
 
 
@@ -431,4 +432,47 @@ def _service(sv: list[dict[str, Any]] | None) -> list[str]:
         out += _table(["computed in process", "p50 / p99 / max us"],
                       [[k, _p(v)] for k, v in local.items()])  # fmt: skip
         out += [", ".join(f"{k}: {v}x" for k, v in x["ratios"].items()), ""]
+    return out
+
+
+def _churn(c: dict[str, Any] | None) -> list[str]:
+    if not c:
+        return []
+    out = ["## Churn without growth (bench/churn.py)", ""]
+    out += [(f"{c['live']:,} live workers beating every {c['interval_s']:.0f} s throughout; "
+             f"{c['churn']:,} distinct ids registered over {c['churn_s']:.0f} s, each living "
+             f"{c['life_s'][0]:.0f}-{c['life_s'][1]:.0f} s, then unregistering or ({c['silent_share']:.0%}) "
+             f"falling silent and expiring; retention {c['settings']['retention_s']:.0f} s, marker TTL "
+             f"{c['settings']['purge_marker_ttl_s']} s. Timeline (s from the first churned id): "
+             f"{c['timeline_s']}."), ""]  # fmt: skip
+    pk = c["peak"]
+    rows = []
+    for name, key, sub in (
+        ("registry records", "registry", "records"), ("registry RSS (MiB)", "registry", "rss_mib"),
+        ("registry RSS after malloc_trim (MiB)", "registry", "rss_trimmed_mib"),
+        ("registry Python blocks", "registry", "heap_blocks"),
+        ("router index (workers)", "router", "workers"), ("router RSS (MiB)", "router", "rss_mib"),
+        ("router RSS after malloc_trim (MiB)", "router", "rss_trimmed_mib"),
+        ("router Python blocks", "router", "heap_blocks"),
+        ("KV_workers messages", "bucket", "messages"), ("KV_workers bytes", "bucket", "bytes"),
+        ("WORKER_AVAILABILITY messages", "availability", "messages"),
+        ("WORKER_AVAILABILITY bytes", "availability", "bytes"),
+        ("WORKER_EVENTS messages (history, kept)", "events", "messages"),
+    ):  # fmt: skip
+        ratio_key = f"{key}_{sub.removesuffix('_mib')}"
+        rows.append([name, f"{c['baseline'][key][sub]:,}", f"{c['start'][key][sub]:,}",
+                     f"{pk[f'{key}_{sub}']:,}" if f"{key}_{sub}" in pk else "",
+                     f"{c['end'][key][sub]:,}", c["end_over_baseline"].get(ratio_key)])  # fmt: skip
+    out += _table(["figure", "baseline (live fleet only)", "start", "peak", "end",
+                   "end / baseline"], rows)  # fmt: skip
+    if len(c.get("waves", [])) > 1:
+        w = c["end_over_first_wave"]
+        out += [(f"After the last wave / after the first ({len(c['waves'])} waves of distinct ids): "
+                 f"registry RSS {w['registry_rss']}, Python blocks {w['registry_heap_blocks']}; "
+                 f"router RSS {w['router_rss']}, blocks {w['router_heap_blocks']}; "
+                 f"KV_workers bytes {w['bucket_bytes']}, WORKER_AVAILABILITY bytes "
+                 f"{w['availability_bytes']}."), ""]  # fmt: skip
+    out += [(f"While churning: projector lag at most {pk.get('lag_s')} s, {pk.get('pending')} "
+             f"events pending; counters at the end {c['counters']}. What the registry holds at "
+             f"the end: {c['end']['registry']['held']}."), ""]  # fmt: skip
     return out

@@ -3,6 +3,7 @@
     .venv/bin/python bench/run.py            # full run (about 8 minutes on 2 cores; http adds 2.5)
     .venv/bin/python bench/run.py --quick    # small sizes (under 2 minutes)
     .venv/bin/python bench/run.py --only throughput,routing --profile
+    .venv/bin/python bench/run.py --only churn   # 20,000 ids come and go (about 3 minutes)
 
 Each part starts its own nats-server(s) on 127.0.0.1 with a temporary store;
 "http" also the original plan's service beside our gateway, with a
@@ -32,13 +33,14 @@ from typing import Any
 _HERE = Path(__file__).resolve().parent
 sys.path[:] = [str(_HERE.parent), *(p for p in sys.path if Path(p).resolve() != _HERE)]
 
-from bench import at, ha, http, latency, report, routing, scale, service, throughput, trust
+from bench import at, churn, ha, http, latency, report, routing, scale, service, throughput, trust
 from bench.common import machine
 from bench.profile import PySpy, summary
 from registry import logs
 
 RESULTS = Path(__file__).resolve().parent / "results"
-PARTS = ("throughput", "latency", "routing", "scale", "service", "trust", "ha", "http", "at")
+PARTS = ("throughput", "latency", "routing", "scale", "service", "trust", "ha", "http", "at",
+         "churn")
 
 SIZES: dict[str, dict[str, Any]] = {
     "quick": {
@@ -57,6 +59,8 @@ SIZES: dict[str, dict[str, Any]] = {
         "ha": {"kills": 20, "terms": 3, "workers": 1000, "rounds": 10},
         "http": {"workers": 1000, "senders": 32, "warmup_s": 2.0, "duration_s": 10.0, "rounds": 1},
         "at": {"workers": 2000, "rounds": 3, "repeats": 2},
+        "churn": {"live": 500, "churn": 3000, "churn_s": 15.0, "life_s": (2.0, 8.0),
+                  "retention_s": 3.0, "marker_ttl_s": 2},
     },
     "full": {
         "throughput": [(1000, 50), (10000, 5), (100000, 1)],
@@ -77,6 +81,8 @@ SIZES: dict[str, dict[str, Any]] = {
         "ha": {"kills": 30, "terms": 5, "workers": 10000, "rounds": 5},
         "http": {"workers": 1000, "senders": 32, "warmup_s": 5.0, "duration_s": 30.0, "rounds": 2},
         "at": {"workers": 10000, "rounds": 3, "repeats": 3},
+        "churn": {"live": 2000, "churn": 20000, "churn_s": 60.0, "life_s": (5.0, 20.0),
+                  "retention_s": 10.0, "marker_ttl_s": 5},
     },
 }  # fmt: skip
 
@@ -132,6 +138,9 @@ async def run_parts(mode: str, parts: list[str], profile: bool) -> dict[str, Any
     async def tt() -> dict[str, Any]:
         return await at.measure(**sizes["at"])
 
+    async def ch() -> dict[str, Any]:
+        return await churn.measure(**sizes["churn"])
+
     await part("throughput", tp)
     await part("latency", lat)
     await part("routing", rt)
@@ -141,6 +150,7 @@ async def run_parts(mode: str, parts: list[str], profile: bool) -> dict[str, Any
     await part("ha", hav)
     await part("http", web)
     await part("at", tt)
+    await part("churn", ch)
     return results
 
 

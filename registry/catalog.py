@@ -79,6 +79,12 @@ class Catalog:
             self._take(old)
             del self._ids[bisect.bisect_left(self._ids, worker_id)]
 
+    def compact(self) -> None:
+        """Tables at the size of what is left, after many records were removed (a dict
+        keeps the size of its peak)."""
+        self._records = dict(self._records)
+        self._ids = list(self._ids)
+
     # ------------------------------------------------------------ answers
 
     def stats(self) -> query.Stats:

@@ -73,7 +73,12 @@ def add_up(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                    default=_env_opt("REGISTRY_BRAKE_RELEASE_PER_S"), metavar="N",
                    help="expiries per second after a hold (default: 1%% of the fleet, at least 1)")
     p.add_argument("--retention", type=float, default=_env_float("REGISTRY_RETENTION_S", 86400.0),
-                   help="seconds an offline record stays in the bucket (default 86400)")
+                   help="seconds an offline record stays in the bucket (default 86400); then it "
+                        "is purged, and routers forget the worker")
+    p.add_argument("--purge-marker-ttl", type=int,
+                   default=int(os.environ.get("REGISTRY_PURGE_MARKER_TTL_S", "3600")),
+                   help="seconds a purged worker's bucket marker and `purged` availability "
+                        "message stay before the server removes them (default 3600)")
     p.add_argument("--replicas", type=int, default=int(os.environ.get("REGISTRY_REPLICAS", 1)),
                    help="stream and bucket replicas on a cluster (default 1)")
     p.add_argument("--instance", default=os.environ.get("REGISTRY_INSTANCE"),
@@ -175,7 +180,8 @@ def settings_from(args: argparse.Namespace) -> RegistrySettings:
         late_factor=args.late_factor, brake_fraction=args.brake_fraction,
         brake_hold_s=args.brake_hold, brake_release_per_s=args.brake_release_rate,
         outage_grace_s=args.outage_grace,
-        retention_s=args.retention, replicas=args.replicas, auth=auth_from_args(args),
+        retention_s=args.retention, purge_marker_ttl_s=args.purge_marker_ttl,
+        replicas=args.replicas, auth=auth_from_args(args),
         instance=args.instance, lease_ttl_s=args.lease_ttl,
         metrics_port=args.metrics_port, metrics_host=args.metrics_host,
     )  # fmt: skip

@@ -9,6 +9,11 @@ message that said 0 pending (seen: 9 of 30 reads of a 400-key bucket beside a
 writer came back short). Instead the stream's subject list is taken just after
 the consumer is made, and the read is complete once each listed subject has
 come by (its message then, or a newer one).
+
+Messages also go away: a purged worker's markers carry a TTL (per-message,
+`Nats-TTL`), and one that expires between the listing and its delivery is
+never delivered. So a read that waits looks at the subject list again every
+RELIST_S, and strikes off the keys no longer listed.
 """
 
 from __future__ import annotations
@@ -16,12 +21,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import Callable
+import time
+from collections.abc import Awaitable, Callable
 
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js import api
 from nats.js.errors import APIError
+
+RELIST_S = 1.0  # a read still waiting lists the subjects again this often
 
 
 def is_deleted(msg: Msg) -> bool:
@@ -55,9 +63,12 @@ async def read_last_values(
         deliver_policy=api.DeliverPolicy.LAST_PER_SUBJECT, idle_heartbeat=1.0,
         pending_msgs_limit=-1, pending_bytes_limit=-1,
     )  # fmt: skip
+    def relist() -> Awaitable[set[str]]:
+        return stream_keys(nc, stream, prefix)
+
     try:
-        waiting.expect(await stream_keys(nc, stream, prefix))
-        await waiting.done(idle_timeout_s, stream)
+        waiting.expect(await relist())
+        await waiting.done(idle_timeout_s, stream, relist)
     finally:
         await sub.unsubscribe()
 
@@ -109,6 +120,14 @@ class Arrivals:
         if not self.missing:
             self._done.set()
 
+    def prune(self, listed: set[str]) -> None:
+        """The stream lists these keys now: a missing key that is not among them lost
+        its message (expired, or removed) before it came, and never will."""
+        if self.seen is None and self.missing and not self.missing <= listed:
+            self.missing &= listed
+            if not self.missing:
+                self._done.set()
+
     def fail(self, error: Exception) -> None:
         self.failed = error
         self._done.set()
@@ -120,19 +139,28 @@ class Arrivals:
     async def wait(self) -> None:
         await self._done.wait()
 
-    async def done(self, idle_timeout_s: float, stream: str) -> None:
+    async def done(
+        self, idle_timeout_s: float, stream: str,
+        relist: Callable[[], Awaitable[set[str]]] | None = None,
+    ) -> None:  # fmt: skip
         """Wait, bounded by progress rather than by the stream's size: give up when no
-        listed key has come for `idle_timeout_s` (others coming meanwhile do not count)."""
-        left = -1
+        listed key has come for `idle_timeout_s` (others coming meanwhile do not count).
+        With `relist`, keys no longer listed are struck off every RELIST_S."""
+        left, since = len(self.missing), time.monotonic()
         while not self._done.is_set():
-            if len(self.missing) == left:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(min(RELIST_S, idle_timeout_s)):
+                    await self._done.wait()
+            if self._done.is_set():
+                break
+            if relist is not None:
+                self.prune(await relist())
+            if len(self.missing) != left:
+                left, since = len(self.missing), time.monotonic()
+            elif time.monotonic() - since >= idle_timeout_s:
                 raise TimeoutError(
                     f"reading {stream}: no listed key for {idle_timeout_s} s, "
                     f"{left} still to come after {self.taken} values"
                 )
-            left = len(self.missing)
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(idle_timeout_s):
-                    await self._done.wait()
         if self.failed is not None:
             raise self.failed

@@ -442,6 +442,11 @@ class Availability(_Model, frozen=True, kw_only=True):
 
 AVAILABILITY_DECODER: Final = msgspec.json.Decoder(Availability)
 
+PURGED: Final = "purged"
+"""`reason` of a worker's last availability message once its offline record was purged
+after the retention period (`available` false): routers forget the worker. The message
+carries a TTL (`Nats-TTL`), so it too leaves WORKER_AVAILABILITY."""
+
 class Control(_Model, frozen=True, kw_only=True):
     """Body of `worker.control.<id>` (core NATS).
 

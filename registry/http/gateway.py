@@ -71,7 +71,8 @@ class Gateway:
         self.js = nc.jetstream()
         self.settings = settings or GatewaySettings()
         self.view = Follower(nc)
-        self._incarnations: dict[str, str] = {}  # registered here, maybe not folded yet
+        self._incarnations: dict[str, str] = {}  # registered here, not folded yet
+        self.view.listeners.add(self._folded)
         self._task: asyncio.Task[None] | None = None
         self.closing = asyncio.Event()  # set when the server stops: live feeds end
 
@@ -179,6 +180,11 @@ class Gateway:
         await self._publish("unregister", event)
         self._incarnations.pop(worker_id, None)
         await self._until(worker_id, lambda r: r is None or not r.live)
+
+    def _folded(self, worker_id: str, record: WorkerInfo | None) -> None:
+        """Once the bucket holds a registration made here, the record says it all."""
+        if record is not None and self._incarnations.get(worker_id) == record.incarnation:
+            del self._incarnations[worker_id]
 
     def _incarnation(self, worker_id: str) -> str:
         """The incarnation this worker's events carry: its live record's; else the one

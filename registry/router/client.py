@@ -31,10 +31,11 @@ from nats.js import JetStreamContext, api
 
 from registry.connect import Auth, NatsOptions, Reconnect, connect
 from registry.fold import availability
-from registry.lastvalues import Arrivals, stream_keys
+from registry.lastvalues import RELIST_S, Arrivals, stream_keys
 from registry.protocol import (
     AVAILABILITY_DECODER,
     AVAILABILITY_STREAM,
+    PURGED,
     WORKER_INFO_DECODER,
     Availability,
     WorkerCapability,
@@ -78,6 +79,7 @@ class Router:
         self._arrivals = Arrivals()  # the workers listed at start(), until each has come
         self._last_seq = 0
         self.rejected = 0  # availability messages not taken: undecodable, out of bounds, wrong id
+        self.forgotten = 0  # workers dropped from the index: purged after retention
         self._asking: dict[str, asyncio.Future[None]] = {}  # worker id -> its question
         self._watchers: set[asyncio.Queue[object]] = set()
         self._owns_connection = False
@@ -136,9 +138,16 @@ class Router:
             raise
 
     async def ready(self) -> None:
-        """Return once every worker's availability as of start() is in memory."""
+        """Return once every worker's availability as of start() is in memory (a worker
+        whose message went meanwhile, a purged worker's expiring, is not waited for)."""
         await self.start()
-        await self._arrivals.wait()
+        while not self._arrivals.is_done:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(RELIST_S):
+                    await self._arrivals.wait()
+            if not self._arrivals.is_done:
+                with contextlib.suppress(Exception):  # no answer now: wait and list again
+                    self._arrivals.prune(await stream_keys(self.nc, self._stream, self._prefix))
 
     @property
     def is_ready(self) -> bool:
@@ -175,7 +184,9 @@ class Router:
         return len(self.index)
 
     async def changes(self) -> AsyncIterator[Availability]:
-        """Every change taken into the index from the first iteration on, until close().
+        """Every change taken into the index from the first iteration on, until close():
+        a worker that leaves it (purged after retention) comes once more, with reason
+        `purged`.
 
         Changes wait in an unbounded queue per iterator; iterate promptly."""
         queue: asyncio.Queue[object] = asyncio.Queue()
@@ -222,10 +233,21 @@ class Router:
         self._update(avail)
 
     def _update(self, avail: Availability) -> None:
+        if avail.reason == PURGED and not avail.available:
+            self._forget(avail)
+            return
         if self.index.update(avail):
             taken = self.index.get(avail.worker_id)  # the index's own (shared) value
             for queue in self._watchers:
                 queue.put_nowait(taken)
+
+    def _forget(self, purged: Availability) -> None:
+        """The worker's record was purged after retention: it leaves the index (a router
+        that starts once the message's TTL has run out never hears of it)."""
+        if self.index.remove(purged.worker_id, purged.event_seq):
+            self.forgotten += 1
+            for queue in self._watchers:
+                queue.put_nowait(purged)
 
     def _reject(self, subject: str, event: str, **fields: object) -> None:
         """Not taken; and since a router that starts now would know nothing else of

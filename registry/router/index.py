@@ -172,6 +172,17 @@ class AvailabilityIndex:
         self._place(w)
         return True
 
+    def remove(self, worker_id: str, event_seq: int) -> bool:
+        """Forget a worker (its record was purged as of `event_seq`); a newer update
+        than that keeps it. True if it was known and is now gone."""
+        w = self.workers.get(worker_id)
+        if w is None or event_seq < w.avail.event_seq:
+            return False
+        self._unplace(w)
+        self._leave(w.profile)
+        del self.workers[worker_id]
+        return True
+
     def get(self, worker_id: str) -> Availability | None:
         w = self.workers.get(worker_id)
         return w.avail if w else None
@@ -215,7 +226,7 @@ class AvailabilityIndex:
         """Drop holds older than hold_s (the worker never reported them)."""
         while self._expiry and self._expiry[0][0] <= now:
             _, wid = heapq.heappop(self._expiry)
-            w = self.workers.get(wid)
+            w = self.workers.get(wid)  # None: forgotten since
             if w is not None and w.holds and w.holds[0] <= now:
                 self._unplace(w)
                 del w.holds[0]

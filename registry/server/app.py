@@ -62,6 +62,7 @@ class Registry:
         self.projector.on_change = self.sweeper.observe
         self.projector.on_reset = self._projector_reset
         self.projector.on_premature = self.sweeper.rejudge
+        self.projector.on_purged = self.sweeper.forget
         self.keeper = LeaseKeeper(nc, settings.instance or instance_name(), settings.lease_ttl_s)
         self.link.fence = self.keeper.fence
         self.keeper.on_failure = self.link.trouble  # a takeover after an outage: outage grace

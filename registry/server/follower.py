@@ -74,6 +74,8 @@ class Follower:
             finally:
                 with contextlib.suppress(Exception):
                     await sub.unsubscribe()
+                self.catalog.reset(())  # an active registry answers from its projector:
+                # a view kept from before would hold every record of then (purged ones too)
 
     async def _take(self, msg: Msg) -> None:
         key = msg.subject[len(self.prefix) :]

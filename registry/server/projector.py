@@ -15,7 +15,7 @@ import contextlib
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from functools import partial
 from typing import Final
 
@@ -40,6 +40,8 @@ from registry.fold import (
 from registry.protocol import (
     EVENT_KIND,
     EVENT_TYPES,
+    PURGED,
+    Availability,
     BadEvent,
     Control,
     Cordon,
@@ -47,13 +49,16 @@ from registry.protocol import (
     HeartbeatEvent,
     LateEvent,
     RegisterEvent,
+    WorkerCapability,
     WorkerInfo,
+    WorkerStatus,
     available_subject,
     control_subject,
     decode_event,
     encode,
     new_msg_id,
 )
+from registry.retention import Markers, OfflineSince, loaded_markers, offline_of, shrunk
 from registry.server import provision
 from registry.server.consume import Puller
 from registry.server.jsmeta import ack_meta
@@ -62,7 +67,7 @@ from registry.server.link import Link
 from registry.server.pipeline import Pipeline, PublishFailed
 from registry.server.provision import DEFAULT_NAMES, Names
 from registry.server.settings import RegistrySettings
-from registry.server.store import Bucket, Entry, is_conflict
+from registry.server.store import TTL_HEADER, Bucket, Entry, is_conflict, purge_headers
 from registry.share import Parts
 from registry.sweep import ServerClock
 
@@ -171,6 +176,7 @@ class Projector:
         on_reset: Callable[[Mapping[str, WorkerInfo]], None] = lambda r: None,
         on_premature: Callable[[WorkerInfo, bool], None] = lambda r, late: None,
         on_written: Callable[[float], None] = lambda latency_s: None,
+        on_purged: Callable[[str], None] = lambda worker_id: None,
     ) -> None:
         self.link = link
         self.nc = nc = link.nc
@@ -183,7 +189,8 @@ class Projector:
         self.parts = Parts()  # one copy of what the fleet's registrations repeat
         self.entries: dict[str, Entry] = {}
         self.catalog = Catalog()  # the records again, indexed for the query service
-        self.tombstones: dict[str, int] = {}
+        self.markers = Markers()  # the bucket's markers of deleted keys, while they last
+        self.offline = OfflineSince()  # offline records, oldest first: purged after retention
         self.counters = Counters()
         self.kinds = KindCounts()
         self._epoch = link.epoch  # the epoch this projector last synced in
@@ -191,11 +198,15 @@ class Projector:
         self.on_reset = on_reset
         self.on_premature = on_premature  # (record, late): a verdict was refused as premature
         self.on_written = on_written  # seconds from an event's stored time to its write's ack
+        self.on_purged = on_purged  # a worker's record was purged: forget it everywhere
         self._last_control: dict[tuple[str, str, str], float] = {}
         self._clashes_logged: set[tuple[str, str]] = set()
         self._counted_through = 0
         self._clock_read_at = 0.0  # monotonic
         self._step = "start"  # of a resync, for the log when it fails
+        self._purge_at = 0.0  # monotonic: the next purge pass, under load or idle
+        self._floor = 0  # the checkpoint this projector last synced at
+        self._peak = 0  # the most records held since the tables were last sized
 
     # ------------------------------------------------------------ views
 
@@ -244,12 +255,19 @@ class Projector:
         self._step = "provision"
         await provision.provision(self.nc, self.names, self.settings.replicas)  # a lost store
         self._step = "load bucket"
-        self.entries, self.tombstones = await self.bucket.load_all(share=self.parts)
+        expiring: dict[str, float] = {}
+        self.entries, tombstones = await self.bucket.load_all(share=self.parts, expiring=expiring)
+        self.markers = loaded_markers(tombstones, expiring)
         self._step = "check stream origin"
         await self._forget_another_streams_records()
         self.catalog.reset(e.record for e in self.entries.values())
+        self.offline = offline_of(
+            (wid, e.record.offline_at.timestamp() if e.record.offline_at else None)
+            for wid, e in self.entries.items()
+        )  # fmt: skip
         self._step = "read checkpoint"
         floor = await provision.consumer_ack_floor(self.nc, self.names)
+        self._floor = floor or 0
         start = floor + 1 if floor and self.entries else 1
         self.link.fence()
         self._step = "recreate consumer"
@@ -286,10 +304,12 @@ class Projector:
             hint="the event stream was deleted or restored: records it cannot explain are "
             "deleted; their workers register again at their next heartbeat",
         )  # fmt: skip
+        ttl = self.settings.purge_marker_ttl_s
         for wid in stale:
             self.link.fence()
             entry = self.entries.pop(wid)
-            self.tombstones[wid] = await self.bucket.delete(wid, entry.revision)
+            revision = await self.bucket.purge(wid, entry.revision, ttl)
+            self.markers.add(wid, revision, self.clock.now(time.monotonic()) + ttl)
         self.counters.streams_replaced += 1
 
     async def _consume(self) -> None:
@@ -304,6 +324,7 @@ class Projector:
                     await self._process(msgs)
                     if time.monotonic() - self._clock_read_at > CLOCK_READ_EVERY_S:
                         await self.sync_clock()  # under load too: the leader may change
+                    await self._purge()  # on its schedule: under load too
                 else:
                     await self._idle()
         finally:
@@ -314,7 +335,7 @@ class Projector:
         self.counters.lag_s = 0.0
         await self.sync_clock()
         self.link.caught_up(self._epoch)
-        await self._purge_offline()
+        await self._purge()
 
     async def sync_clock(self) -> None:
         """Read the server's time from a stream info response (`ts`: the stream
@@ -420,9 +441,13 @@ class Projector:
         batch.stored.setdefault(wid, stored_at.timestamp())
         entry = self.entries.get(wid)
         if entry is None:
-            self.entries[wid] = Entry(record, self.tombstones.pop(wid, 0))
+            self.entries[wid] = Entry(record, self.markers.pop(wid))
+            offline_before = None
         else:
+            offline_before = entry.record.offline_at
             entry.record = record
+        if record.offline_at is not offline_before:  # went offline or came back
+            self._track_offline(record)
         self.catalog.put(record)
         batch.dirty.add(wid)
 
@@ -467,16 +492,24 @@ class Projector:
         second registry, an admin): resync, and fold from what the bucket says."""
         for wid in batch.dirty:
             entry = self.entries.get(wid)
-            found = await self.bucket.current(wid) if entry is not None else None
-            if entry is None or found is None or found[0] == entry.revision:
+            if entry is None:
                 continue
-            revision, theirs = found
+            found = await self.bucket.current(wid)
+            if found is None:  # no value: a marker, or nothing (the marker expired)
+                revision, theirs = await self.bucket.last_revision(wid), None
+            else:
+                revision, theirs = found
+            if revision == entry.revision:
+                continue
             self.link.fence()
             if theirs is not None:
                 raise ResyncNeeded(f"bucket key was written by someone else: {conflict}")
             entry.revision = await self.bucket.overwrite(wid, entry.record, revision)
             self.on_change(entry.record)
             await self._announce_again(wid, entry.record)
+            if found is None:  # a marker came or went other than this projector expected
+                log.info("write_over_marker_repaired", worker_id=wid, revision=revision)
+                continue
             self.counters.foreign_writes_repaired += 1
             log.warning("foreign_write_repaired", worker_id=wid, revision=revision)
 
@@ -545,22 +578,103 @@ class Projector:
 
     # ------------------------------------------------------------ retention
 
-    async def _purge_offline(self) -> None:
-        """Delete offline records older than the retention (their history stays)."""
-        cutoff = self.clock.now(time.monotonic()) - self.settings.retention_s
-        old = [
-            wid for wid, e in self.entries.items()
-            if e.record.offline_at is not None and e.record.offline_at.timestamp() < cutoff
-        ]  # fmt: skip
-        for wid in old:
-            self.link.fence()
-            entry = self.entries.pop(wid)
-            self.catalog.remove(wid)
-            try:
-                self.tombstones[wid] = await self.bucket.delete(wid, entry.revision)
-            except Exception as e:
-                self.entries[wid] = entry
-                self.catalog.put(entry.record)
-                raise ResyncNeeded(f"purge of {wid} failed: {e}") from e
-            self.counters.offline_purged += 1
-            log.info("offline_record_purged", worker_id=wid)
+    def _track_offline(self, record: WorkerInfo) -> None:
+        if record.offline_at is None:
+            self.offline.discard(record.worker_id)
+        else:
+            self.offline.set(record.worker_id, record.offline_at.timestamp())
+
+    async def _purge(self) -> None:
+        """A purge pass, at most every `purge_every_s` whether events flow or not.
+
+        Up to `purge_batch` offline records older than the retention are purged
+        (their history stays in the stream), and as many markers without a TTL (an
+        older version's) are purged again with one. A full pass is followed by
+        another after the next batch of events, so purging keeps up with any churn
+        while folding goes on between passes."""
+        mono = time.monotonic()
+        if mono < self._purge_at:
+            return
+        s = self.settings
+        now = self.clock.now(mono)
+        if now <= 0:
+            return  # the server's clock is not known yet
+        self.markers.expire(now)
+        self._forget_old_controls(mono)
+        due = self.offline.due(now - s.retention_s, s.purge_batch)
+        legacy = self.markers.legacy(s.purge_batch - len(due))
+        if due or legacy:
+            await self._purge_records(due, legacy, now)
+        full = len(due) + len(legacy) >= s.purge_batch
+        self._purge_at = mono if full else mono + s.purge_every_s
+        self._compact()
+
+    async def _purge_records(self, due: list[str], legacy: list[str], now: float) -> None:
+        """Purge markers (compare-and-set on the revision) and `purged` availability, both
+        with the marker TTL, pipelined; the records leave memory as each is stored."""
+        ttl = self.settings.purge_marker_ttl_s
+        changed_at = datetime.fromtimestamp(now, UTC)
+        position = max(self._floor, self.counters.last_seq)  # every event folded so far
+        for wid in due:
+            entry = self.entries.get(wid)
+            if entry is None:
+                continue
+            on_ack = partial(self._purged, wid, now + ttl)
+            await self.pipeline.publish(self.bucket.prefix + wid, b"",
+                                        purge_headers(entry.revision, ttl), on_ack)  # fmt: skip
+            await self._announce_purge(availability(entry.record), changed_at, ttl)
+        for wid in legacy:  # no record to tell from: as of every event folded, none is kept
+            on_ack = partial(self.markers.add, wid, expires_at=now + ttl)
+            await self.pipeline.publish(self.bucket.prefix + wid, b"",
+                                        purge_headers(self.markers.revisions[wid], ttl), on_ack)  # fmt: skip
+            gone = Availability(worker_id=wid, available=False, status=WorkerStatus.OFFLINE,
+                                capability=WorkerCapability.CPU, changed_at=changed_at,
+                                event_seq=position)  # fmt: skip
+            await self._announce_purge(gone, changed_at, ttl)
+        try:
+            await self.pipeline.flush(WRITE_TIMEOUT_S)
+        except PublishFailed as e:
+            if is_conflict(e):  # written meanwhile, by someone else: reload
+                raise ResyncNeeded(f"purge refused: {e}") from e
+            raise
+        log.info("offline_records_purged", records=len(due), old_markers=len(legacy),
+                 workers=len(self.entries), markers=len(self.markers))  # fmt: skip
+
+    async def _announce_purge(self, last: Availability, changed_at: datetime, ttl: int) -> None:
+        gone = msgspec.structs.replace(last, available=False, reason=PURGED, changed_at=changed_at)
+        headers = {api.Header.MSG_ID.value: f"{gone.worker_id}.{gone.event_seq}.{PURGED}",
+                   TTL_HEADER: str(ttl)}  # fmt: skip
+        await self.pipeline.publish(available_subject(gone.worker_id), encode(gone), headers)
+        self.counters.availability_published += 1
+
+    def _purged(self, wid: str, marker_expires_at: float, revision: int) -> None:
+        """A record's purge marker is stored: nothing of the worker stays in memory."""
+        self.entries.pop(wid, None)
+        self.catalog.remove(wid)
+        self.offline.discard(wid)
+        self.markers.add(wid, revision, marker_expires_at)
+        self.counters.offline_purged += 1
+        self.on_purged(wid)
+        log.debug("offline_record_purged", worker_id=wid, revision=revision)
+
+    def _compact(self) -> None:
+        """Once the records are down to a quarter of their peak (a wave of churn purged),
+        copy the tables at the size of what is left: a dict keeps the size of its peak.
+        The shared-parts caches start again too (bounded, but filled by workers gone):
+        records keep the parts they point at."""
+        n = len(self.entries)
+        self._peak = max(self._peak, n)
+        if not shrunk(n, self._peak):
+            return
+        self.entries = dict(self.entries)
+        self.catalog.compact()
+        self.parts = Parts()
+        log.info("projector_tables_compacted", workers=n, peak=self._peak)
+        self._peak = n
+
+    def _forget_old_controls(self, mono: float) -> None:
+        """The control rate limit only looks one second back: keep no more than that."""
+        if self._last_control:
+            self._last_control = {k: t for k, t in self._last_control.items() if mono - t < 1.0}
+        if self._clashes_logged:
+            self._clashes_logged = {c for c in self._clashes_logged if c[0] in self.entries}

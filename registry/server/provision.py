@@ -32,6 +32,12 @@ API_TIMEOUT_S = 1.0  # short: a request lost in a restart or an election is aske
 MAX_PATIENCE_S = 10.0
 _patience: ContextVar[float] = ContextVar("api_timeout_s", default=API_TIMEOUT_S)
 
+# Fields a newer definition may turn on in a stream that an older version provisioned:
+# the server takes them in place (STREAM.UPDATE), keeping every message. Per-message
+# TTLs (purge markers that expire) can be enabled on an existing stream, never disabled.
+UPGRADABLE: dict[str, object] = {"allow_msg_ttl": True}
+
+
 
 @contextlib.contextmanager
 def patience(timeout_s: float) -> Iterator[None]:
@@ -121,46 +127,44 @@ def config_diff(
     ]
 
 
-def grown(wanted: dict[str, Any], actual: dict[str, Any]) -> dict[str, Any]:
-    """What an older deployment's stream lacks that the contract only added (it grows,
-    never renames): subjects added to the list, and flags turned on. Updated in place."""
-    growth: dict[str, Any] = {}
+def upgrades(wanted: dict[str, Any], actual: dict[str, Any]) -> dict[str, Any]:
+    """The fields of `wanted` that an existing stream lacks and may be given in place:
+    what UPGRADABLE turns on, and subjects the contract added to the list (it grows,
+    never renames)."""
+    new = {
+        k: v for k, v in UPGRADABLE.items()
+        if wanted.get(k) == v and actual.get(k) != v
+    }  # fmt: skip
     have = actual.get("subjects") or []
     if set(have) < set(wanted.get("subjects") or []):
-        growth["subjects"] = have + [s for s in wanted["subjects"] if s not in have]
-    for flag in GROWABLE_FLAGS:
-        if wanted.get(flag) is True and not actual.get(flag):
-            growth[flag] = True
-    return growth
-
-
-GROWABLE_FLAGS: Final = ("allow_msg_ttl",)
+        new["subjects"] = have + [s for s in wanted["subjects"] if s not in have]
+    return new
 
 
 async def ensure_stream(nc: Client, cfg: dict[str, Any]) -> bool:
-    """Create the stream, or check that the existing one matches (growing an older
-    deployment's in place: see `grown`). True if created."""
+    """Create the stream, or check that the existing one matches (turning on what
+    `upgrades` allows in place: a deployment of an older version). True if created."""
     name = cfg["name"]
     info = await api(nc, f"STREAM.INFO.{name}")
     if "error" not in info:
-        actual = info["config"]
-        if growth := grown(cfg, actual):
-            diff = config_diff(cfg, actual | growth)
-            if not diff:
-                resp = await api(nc, f"STREAM.UPDATE.{name}", actual | growth)
-                if "error" in resp:
-                    why = resp["error"].get("description")
-                    raise ProvisionError(f"cannot update stream {name}: {why}")
-                log.info("stream_grown", stream=name, added=sorted(growth))
-                return False
-        diff = config_diff(cfg, actual)
+        new = upgrades(cfg, info["config"])
+        diff = config_diff(cfg, info["config"], skip=frozenset(new))
         if diff:
             raise ProvisionError(f"stream {name} exists with a different config: " + "; ".join(diff))
+        if new:
+            await _upgrade(nc, name, {**info["config"], **new})
+            log.info("stream_upgraded", stream=name, fields=sorted(new))
         return False
     resp = await api(nc, f"STREAM.CREATE.{name}", cfg)
     if "error" in resp:
         raise ProvisionError(f"cannot create stream {name}: {resp['error'].get('description')}")
     return True
+
+
+async def _upgrade(nc: Client, name: str, config: dict[str, Any]) -> None:
+    resp = await api(nc, f"STREAM.UPDATE.{name}", config, patient=True)
+    if "error" in resp:
+        raise ProvisionError(f"cannot update stream {name}: {resp['error'].get('description')}")
 
 
 async def provision(nc: Client, names: Names = DEFAULT_NAMES, replicas: int = 1) -> bool:

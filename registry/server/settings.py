@@ -47,7 +47,23 @@ class RegistrySettings(BaseModel):
         default=None, gt=0.0, le=1e6,
         description="expiries per second after the hold (None: 1% of the fleet, at least 1)",
     )  # fmt: skip
-    retention_s: float = Field(default=86400.0, gt=0)
+    retention_s: float = Field(
+        default=86400.0, gt=0, description="offline records are purged this long after going offline"
+    )
+    purge_every_s: float = Field(
+        default=1.0, gt=0, le=3600.0,
+        description="a purge pass at most this often, while events flow or not",
+    )  # fmt: skip
+    purge_batch: int = Field(
+        default=1000, ge=1, le=20000,
+        description="records purged per pass at most (a full pass is followed by another "
+        "after the next batch of events)",
+    )  # fmt: skip
+    purge_marker_ttl_s: int = Field(
+        default=3600, ge=1, le=30 * 86400,
+        description="how long a purged worker's bucket marker and `purged` availability "
+        "message stay (Nats-TTL) before the server removes them",
+    )  # fmt: skip
     batch_size: int = Field(default=4096, ge=1, le=20000)
     replicas: int = Field(default=1, ge=1, le=5)
     control_max_age_s: float = Field(default=30.0, gt=0)

@@ -12,6 +12,7 @@ from nats.js.errors import (
     KeyDeletedError,
     KeyNotFoundError,
     KeyWrongLastSequenceError,
+    NotFoundError,
 )
 
 from registry.lastvalues import is_deleted, read_last_values
@@ -23,6 +24,18 @@ from registry.share import Parts
 log = structlog.get_logger("registry.store")
 
 WRONG_LAST_SEQUENCE = (10071, 10164)
+TTL_HEADER = "Nats-TTL"  # per-message TTL, whole seconds (the stream allows them)
+
+
+def purge_headers(last_revision: int, ttl_s: int) -> dict[str, str]:
+    """A KV purge of a key (marker replaces its history), if unchanged since
+    `last_revision`; the server removes the marker itself after `ttl_s`."""
+    return {
+        "KV-Operation": "PURGE",
+        "Nats-Rollup": "sub",
+        TTL_HEADER: str(ttl_s),
+        api.Header.EXPECTED_LAST_SUBJECT_SEQUENCE.value: str(last_revision),
+    }
 
 
 class Entry(msgspec.Struct, gc=False):
@@ -46,20 +59,28 @@ class Bucket:
         self.prefix = f"$KV.{bucket}."
 
     async def load_all(
-        self, idle_timeout_s: float = 10.0, share: Parts | None = None
-    ) -> tuple[dict[str, Entry], dict[str, int]]:
+        self, idle_timeout_s: float = 10.0, share: Parts | None = None,
+        expiring: dict[str, float] | None = None,
+    ) -> tuple[dict[str, Entry], dict[str, int]]:  # fmt: skip
         """Every current value with its revision, and the revisions of deleted keys
         (read as `read_last_values` says). With `share`, records point at one copy
-        of the parts the fleet repeats."""
+        of the parts the fleet repeats. `expiring` is given, for each marker with a
+        TTL, when the server removes it (stored time + TTL, seconds since the epoch)."""
         entries: dict[str, Entry] = {}
         tombstones: dict[str, int] = {}
+        expiring = {} if expiring is None else expiring
 
         def take(key: str, msg: Msg) -> None:
             entries.pop(key, None)  # a newer value of a key replaces what came before
             tombstones.pop(key, None)
-            revision = ack_meta(msg).seq
+            expiring.pop(key, None)
+            meta = ack_meta(msg)
+            revision = meta.seq
             if is_deleted(msg):
                 tombstones[key] = revision
+                ttl = _ttl_s((msg.headers or {}).get(TTL_HEADER))
+                if ttl is not None:
+                    expiring[key] = meta.stored_ns / 1e9 + ttl
                 return
             try:
                 record = WORKER_INFO_DECODER.decode(msg.data)
@@ -102,14 +123,34 @@ class Bucket:
         ack = await self.js.publish(self.prefix + key, encode(record), headers=headers)
         return ack.seq
 
-    async def delete(self, key: str, last_revision: int) -> int:
-        """Delete (a KV delete marker) if unchanged; returns the marker's revision."""
-        headers = {
-            "KV-Operation": "DEL",
-            api.Header.EXPECTED_LAST_SUBJECT_SEQUENCE: str(last_revision),
-        }
+    async def purge(self, key: str, last_revision: int, ttl_s: int) -> int:
+        """Purge if unchanged (a marker the server removes after `ttl_s`); returns the
+        marker's revision."""
+        headers = purge_headers(last_revision, ttl_s)
         ack = await self.js.publish(self.prefix + key, b"", headers=headers)
         return ack.seq
+
+    async def last_revision(self, key: str) -> int:
+        """The revision of the key's last message, a marker included; 0 for none."""
+        try:
+            msg = await self.js.get_last_msg(self.stream, self.prefix + key)
+        except NotFoundError:
+            return 0
+        return msg.seq or 0
+
+
+def _ttl_s(value: str | None) -> float | None:
+    """A `Nats-TTL` value in seconds (whole seconds, or a Go duration in s/m/h); None
+    for none or "never"."""
+    if not value or value == "never":
+        return None
+    units = {"s": 1.0, "m": 60.0, "h": 3600.0}
+    try:
+        if value[-1] in units:
+            return float(value[:-1]) * units[value[-1]]
+        return float(value)
+    except ValueError:
+        return None
 
 
 def is_conflict(err: BaseException) -> bool:

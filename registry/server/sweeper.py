@@ -133,6 +133,12 @@ class Sweeper:
         log.info("verdict_refused_rejudging", worker_id=wid, kind="late" if late else "expired",
                  at=datetime.fromtimestamp(at, UTC).isoformat())  # fmt: skip
 
+    def forget(self, worker_id: str) -> None:
+        """The worker's record was purged (after retention): nothing of it stays here."""
+        self.heap.discard(worker_id)
+        self.late_heap.discard(worker_id)
+        self._silent.pop(worker_id, None)
+
     def reset(self, records: Mapping[str, WorkerInfo]) -> None:
         """The projector reloaded the bucket: judge nobody until caught up again."""
         self.judging_in = None

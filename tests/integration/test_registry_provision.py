@@ -88,3 +88,26 @@ async def test_only_a_missing_consumer_reads_as_no_checkpoint(nats_server: NatsS
     assert await consumer_ack_floor(nc, DEFAULT_NAMES) is None
     with pytest.raises(ProvisionError):
         await consumer_ack_floor(nc, Names(events="NO_SUCH_STREAM"))
+
+
+@bounded(20)
+async def test_an_older_deployments_streams_are_upgraded_in_place(
+    nats_server: NatsServer, nc: Client
+) -> None:
+    """Streams provisioned before per-message TTLs (purge markers that expire) get them
+    turned on in place; their messages stay."""
+    js = nc.jetstream()
+    for name, file in ((AVAILABILITY, "streams/WORKER_AVAILABILITY.json"),
+                       (f"KV_{BUCKET}", "kv/workers.json")):  # fmt: skip
+        old = {k: v for k, v in definitions.load(file).items() if k != "allow_msg_ttl"}
+        msg = await nc.request(f"$JS.API.STREAM.CREATE.{name}", json.dumps(old).encode(), timeout=5.0)
+        assert "error" not in json.loads(msg.data)
+    await js.publish("worker.available.w-1", b"{}")
+    await js.publish(f"$KV.{BUCKET}.w-1", b"{}")
+    await provision(nc)
+    configs = await _stream_configs(nc)
+    assert configs[AVAILABILITY]["allow_msg_ttl"] is True
+    assert configs[f"KV_{BUCKET}"]["allow_msg_ttl"] is True
+    assert (await js.stream_info(AVAILABILITY)).state.messages == 1
+    assert (await js.stream_info(f"KV_{BUCKET}")).state.messages == 1
+    assert await provision(nc) is False  # and now it matches

@@ -25,7 +25,7 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
 from agent import Agent, AgentCutOff
-from registry import protocol
+from registry import definitions, protocol
 from registry.cli import main as registry_main
 from registry.connect import FAIL_FAST, Auth, NatsOptions
 from registry.eventlog import EventQuery, read_events
@@ -842,3 +842,41 @@ async def _not_a_record(kv: Any, key: str) -> bool:
     except Exception:  # noqa: BLE001 - any failure to decode is what we wait for
         return True
     return False
+
+
+@bounded(60)
+async def test_the_registry_role_upgrades_old_streams_and_purges_and_routers_forget(
+    secured: NatsServer, auth: AuthDir, admin: Client_
+) -> None:
+    """An older deployment's streams (no per-message TTLs) are upgraded in place by the
+    registry role; a purged worker's TTL'd markers are written by it, a router role
+    drops the worker, and the server removes the markers."""
+    for name, file in ((protocol.AVAILABILITY_STREAM, "streams/WORKER_AVAILABILITY.json"),
+                       ("KV_workers", "kv/workers.json")):  # fmt: skip
+        old = {k: v for k, v in definitions.load(file).items() if k != "allow_msg_ttl"}
+        answer = await admin.nc.request(f"$JS.API.STREAM.CREATE.{name}", json.dumps(old).encode(),
+                                        timeout=5.0)  # fmt: skip
+        assert "error" not in json.loads(answer.data)
+    registry_auth = Auth(creds=str(auth.root / "registry.creds"))
+    async with running_registry(secured.url, caught_up=True, auth=registry_auth,
+                                retention_s=0.5, purge_marker_ttl_s=1) as reg:  # fmt: skip
+        inc = await register_as(secured.url, auth, "w1")
+        router = await Router.connect(secured.url, creds=str(creds(auth, "router", "r1")))
+        try:
+            await router.ready()
+            await eventually(lambda: router.get("w1") is not None)
+            c = await connect_as(secured.url, creds(auth, "agent", "w1"))
+            await c.js.publish("worker.unregister.w1", json.dumps(unregister_body("w1", inc)).encode())
+            await c.nc.close()
+            await eventually(lambda: reg.counters()["offline_purged"] == 1, timeout=10)
+            await eventually(lambda: router.get("w1") is None and router.forgotten == 1)
+        finally:
+            await router.close()
+        for stream in (protocol.AVAILABILITY_STREAM, "KV_workers"):
+            info = await admin.js.stream_info(stream)
+            assert info.config.allow_msg_ttl is True, stream
+
+            async def empty(stream: str = stream) -> bool:
+                return (await admin.js.stream_info(stream)).state.messages == 0
+
+            await eventually(empty, timeout=10)

@@ -58,3 +58,25 @@ async def test_it_gives_up_when_no_listed_key_comes_even_if_others_do() -> None:
             await a.done(0.2, "KV_workers")
     finally:
         noise.cancel()
+
+
+def test_a_key_no_longer_listed_is_struck_off() -> None:
+    a = Arrivals()
+    a.expect({"w1", "w2"})
+    a.prune({"w1", "w2", "w3"})  # a key listed now that was not then: not awaited
+    assert a.missing == {"w1", "w2"}
+    a.came("w1")
+    a.prune({"w1"})  # w2's message expired before it came
+    assert a.is_done
+
+
+async def test_a_read_waiting_for_a_key_whose_message_expired_ends() -> None:
+    a = Arrivals()
+    a.expect({"w1", "w2"})
+    a.came("w1")
+    listed = {"w1"}
+
+    async def relist() -> set[str]:
+        return listed
+
+    await asyncio.wait_for(a.done(30.0, "KV_workers", relist), 5.0)

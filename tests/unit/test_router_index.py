@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 from collections import Counter
 
+import msgspec
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -282,3 +283,21 @@ def test_updates_picks_releases_and_expiry_follow_a_simple_model(steps: list[tup
     # every profile in the index has a worker in it
     assert all(p.workers > 0 for p in index._profiles.values())
     assert sum(p.workers for p in index._profiles.values()) == len(model)
+
+
+def test_a_purged_worker_leaves_the_index_and_its_profile() -> None:
+    index = index_of(make_avail("a"), make_avail("b", capability="cpu", content_types=["text"]))
+    held = index.pick("cpu", now=0.0)
+    assert held is not None and held.worker_id == "b"
+    assert index.remove("b", held.event_seq)
+    assert index.get("b") is None and len(index) == 1
+    assert picked(index, "cpu", "text") is None
+    assert ("cpu", ("text",)) not in index._profiles  # the last of its profile: dropped
+    index.expire(now=100.0)  # its hold's expiry finds nobody: harmless
+    assert not index.remove("b", held.event_seq)  # unknown: a no-op
+
+
+def test_a_purge_older_than_the_workers_last_update_keeps_it() -> None:
+    index = index_of(msgspec.structs.replace(make_avail("a"), event_seq=10))
+    assert not index.remove("a", 9)
+    assert index.get("a") is not None
