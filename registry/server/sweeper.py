@@ -138,6 +138,7 @@ class Sweeper:
         self.heap.discard(worker_id)
         self.late_heap.discard(worker_id)
         self._silent.pop(worker_id, None)
+        self._held.discard(worker_id)
 
     def reset(self, records: Mapping[str, WorkerInfo]) -> None:
         """The projector reloaded the bucket: judge nobody until caught up again."""
