@@ -339,6 +339,17 @@ async def running_registry(
 # ---------------------------------------------------------------- `registry up` as a process
 
 
+async def registry_cli(url: str, *argv: str) -> tuple[int, str, str]:
+    """`registry ARGV --nats URL` in a child process: exit code, stdout, stderr."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "registry.cli", *argv, "--nats", url,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    out, err = await asyncio.wait_for(proc.communicate(), 30)
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
 def registry_command(*args: str) -> list[str]:
     return [sys.executable, "-m", "registry.cli", "up", *args]
 

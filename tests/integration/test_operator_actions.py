@@ -19,21 +19,10 @@ from registry.server.embedded import NatsServer
 from registry.server.provision import DEFAULT_NAMES, provision, stream_configs
 from registry.server.store import Bucket
 from tests.conftest import eventually
-from tests.integration.registry_helpers import bounded, running_registry
+from tests.integration.registry_helpers import bounded, registry_cli, running_registry
 
 FAST = {"reconnect_wait_s": 0.1, "reconnect_jitter_s": 0.1, "publish_timeout_s": 1.0,
         "heartbeat_interval_s": 0.3}  # fmt: skip
-
-
-async def registry_cli(url: str, *argv: str) -> tuple[int, str, str]:
-    """`registry ARGV --nats URL` in a child process: exit code, stdout, stderr."""
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "registry.cli", *argv, "--nats", url,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-    )  # fmt: skip
-    out, err = await asyncio.wait_for(proc.communicate(), 30)
-    assert proc.returncode is not None
-    return proc.returncode, out.decode(), err.decode()
 
 
 async def record(nc: Client, worker_id: str) -> WorkerInfo:

@@ -4,7 +4,6 @@ mass expiry is held while the registry suspects itself."""
 from __future__ import annotations
 
 import asyncio
-import sys
 from typing import Any
 
 from nats.aio.client import Client
@@ -24,6 +23,7 @@ from tests.integration.registry_helpers import (
     publish,
     record,
     register_body,
+    registry_cli,
     running_registry,
 )
 
@@ -145,7 +145,7 @@ async def test_a_fleet_that_dies_for_good_is_held_then_expired_at_the_stated_rat
             await eventually(lambda: reg.sweeper.held_since is not None, timeout=10)
             held_since = reg.sweeper.held_since
             assert held_since is not None
-            code, out, _ = await _registry_cli(nats_server.url, "brake", "status")
+            code, out, _ = await registry_cli(nats_server.url, "brake", "status")
             assert code == 0 and out.startswith("holding: ")
             await eventually(lambda: reg.counters()["expiries_published"] >= len(dead), timeout=40)
             await asyncio.sleep(1.0)
@@ -177,7 +177,7 @@ async def test_an_operator_releases_the_brake_and_the_silent_expire_at_once(
                 await eventually(lambda: reg.counters()["brake_engaged"] == 1, timeout=10)
                 await eventually(lambda: reg.counters()["expiries_held"] == len(silent), timeout=10)
                 assert await expired_events(js) == 0
-                code, out, err = await _registry_cli(
+                code, out, err = await registry_cli(
                     nats_server.url, "brake", "release", "--reason", "zone lost", "--by", "dana"
                 )
                 assert code == 0, err
@@ -185,18 +185,9 @@ async def test_an_operator_releases_the_brake_and_the_silent_expire_at_once(
                 await eventually(lambda: reg.counters()["expiries_published"] == len(silent),
                                  timeout=10)  # fmt: skip
                 assert reg.counters()["brake_engaged"] == 0
-                code, out, _ = await _registry_cli(nats_server.url, "brake")
+                code, out, _ = await registry_cli(nats_server.url, "brake")
                 assert code == 0 and out.startswith("off:")
     assert await expired_events(js) == len(silent)
     released = [e for e in logs if e["event"] == "brake_released_by_operator"]
     assert released and released[0]["by"] == "dana" and released[0]["reason"] == "zone lost"
 
-
-async def _registry_cli(url: str, *argv: str) -> tuple[int, str, str]:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "registry.cli", *argv, "--nats", url,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-    )  # fmt: skip
-    out, err = await asyncio.wait_for(proc.communicate(), 30)
-    assert proc.returncode is not None
-    return proc.returncode, out.decode(), err.decode()
