@@ -274,6 +274,7 @@ class _Member:
         self.queues: list[str] = []
         self._open: dict[str, TaskScope] = {}  # task id -> its scope, main process only
         self._lock = threading.Lock()
+        self._drain_lock = threading.Lock()
         self._inbox, self._outbox = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
         self._outbox.settimeout(CHILD_SEND_TIMEOUT_S)
         self._host: _HostLoop | None = None
@@ -385,12 +386,19 @@ class _Member:
                          daemon=True).start()  # fmt: skip
 
     def _drain(self, reason: str) -> None:
+        with self._drain_lock:  # one transition at a time, on the state as it is now
+            agent = self.agent
+            if agent is None or not agent.draining:
+                return
+            control, here = self.app.control, [self.nodename]
+            for queue in self.queues:
+                control.cancel_consumer(queue, destination=here)
+            log.info("fleet_draining", worker=self.nodename, reason=reason, queues=self.queues)
+            self._wait_idle_then_shut_down(agent)
+
+    def _wait_idle_then_shut_down(self, agent: Agent) -> None:
         control, here = self.app.control, [self.nodename]
-        for queue in self.queues:
-            control.cancel_consumer(queue, destination=here)
-        log.info("fleet_draining", worker=self.nodename, reason=reason, queues=self.queues)
-        agent = self.agent
-        while agent is not None and agent.draining:
+        while agent.draining:
             # reserved: prefetched messages too, which a shutdown would hand back unrun
             if agent.tasks.active == 0 and not worker_state.reserved_requests:
                 control.shutdown(destination=here)  # warm: Celery waits for what still runs
@@ -398,9 +406,12 @@ class _Member:
             time.sleep(0.2)
 
     def _undrain(self, reason: str) -> None:
-        for queue in self.queues:
-            self.app.control.add_consumer(queue, destination=[self.nodename])
-        log.info("fleet_drain_lifted", worker=self.nodename, reason=reason)
+        with self._drain_lock:  # after a drain's wait has seen it lifted
+            if self.agent is None or self.agent.draining:
+                return
+            for queue in self.queues:
+                self.app.control.add_consumer(queue, destination=[self.nodename])
+            log.info("fleet_drain_lifted", worker=self.nodename, reason=reason)
 
 
 class _HostLoop:

@@ -124,7 +124,7 @@ def parse_command(argv: Sequence[str] | None, environ: Mapping[str, str]) -> Par
     args = vars(build_parser().parse_args(argv))
     command = args.pop("command")
     exit_when_drained = args.pop("exit_when_drained", None)
-    if exit_when_drained is None:
+    if exit_when_drained is None and command == "run":
         exit_when_drained = _env_flag(environ, "AGENT_EXIT_WHEN_DRAINED")
     level = (args.pop("log_level") or _env_level(environ)).lower()
     if level not in LOG_LEVELS:

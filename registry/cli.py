@@ -76,7 +76,7 @@ def add_up(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                    help="seconds an offline record stays in the bucket (default 86400); then it "
                         "is purged, and routers forget the worker")
     p.add_argument("--purge-marker-ttl", type=int,
-                   default=int(os.environ.get("REGISTRY_PURGE_MARKER_TTL_S", "3600")),
+                   default=_env_int("REGISTRY_PURGE_MARKER_TTL_S") or 3600,
                    help="seconds a purged worker's bucket marker and `purged` availability "
                         "message stay before the server removes them (default 3600)")
     p.add_argument("--replicas", type=int, default=int(os.environ.get("REGISTRY_REPLICAS", 1)),

@@ -251,7 +251,9 @@ def availability_reason(record: WorkerInfo) -> str:
     if record.late:
         return "late"
     if record.cordon is not None:
-        return "draining" if record.cordon.drain else "cordoned"
+        if record.cordon.drain:
+            return "draining" if draining(record) else "drained"
+        return "cordoned"
     if record.status is not WorkerStatus.ONLINE:
         return str(record.status)
     if record.metrics.active_tasks >= record.registration.max_concurrent_tasks:

@@ -76,6 +76,9 @@ def refusal(action: str, record: WorkerInfo | None, worker_id: str) -> str | Non
         return f"{worker_id} is not cordoned"
     if action == "cordon" and cordon is not None and cordon.drain:
         return f"{worker_id} is draining ({_described(cordon)}); uncordon it first"
+    live = record.incarnation if record.live else ""
+    if action == "drain" and cordon is not None and cordon.drain and cordon.incarnation == live:
+        return f"{worker_id} is already {_described(cordon, record.live)}"
     return None
 
 

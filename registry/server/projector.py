@@ -78,9 +78,12 @@ CLOCK_READ_EVERY_S = 5.0  # the server's `ts`, also while events keep coming
 
 
 STREAM_CLOCK_SLACK: Final = timedelta(seconds=2)  # stored times vs the stream's creation
-CONTROL_EVERY_S: Final = {"drain": 5.0}
+CONTROL_EVERY_S: Final = {"drain": 5.0, "uncordon": 5.0}
 """The least time between two control messages of an action to one process (default 1 s):
-a drain is repeated on the heartbeats of a worker that is finishing its work."""
+a drain is repeated on the heartbeats of a worker that is finishing its work, and a lifted
+drain on the heartbeats of the process that was draining, for UNDRAIN_REPEAT_S."""
+CONTROL_KEPT_S: Final = max(1.0, *CONTROL_EVERY_S.values())
+UNDRAIN_REPEAT_S: Final = 60.0
 
 
 def _said(cordon: Cordon) -> str:
@@ -200,6 +203,7 @@ class Projector:
         self.on_written = on_written  # seconds from an event's stored time to its write's ack
         self.on_purged = on_purged  # a worker's record was purged: forget it everywhere
         self._last_control: dict[tuple[str, str, str], float] = {}
+        self._undrained: dict[str, tuple[str, float]] = {}  # id -> (incarnation, until)
         self._clashes_logged: set[tuple[str, str]] = set()
         self._counted_through = 0
         self._clock_read_at = 0.0  # monotonic
@@ -551,14 +555,21 @@ class Projector:
         left. An uncordon lifts it."""
         was_draining = before is not None and before.cordon is not None and draining(before)
         cordon = after.cordon
-        if (cordon is None and not was_draining) or not self._recent(stored_at):
+        if cordon is None and not was_draining and wid not in self._undrained:
             return  # the common case: nobody drained, one check per event
+        if was_draining and cordon is None and before is not None:  # lifted: say so a while
+            self._undrained[wid] = (before.incarnation, time.monotonic() + UNDRAIN_REPEAT_S)
+        if not self._recent(stored_at):
+            return  # folded long after it was stored: nobody to tell now
         if cordon is not None and draining(after):
+            self._undrained.pop(wid, None)
             batch.controls[wid] = Control(action="drain", reason=_said(cordon),
                                           incarnation=after.incarnation)  # fmt: skip
-        elif was_draining and cordon is None and before is not None:
+        elif (lifted := self._undrained.get(wid)) and after.live and (
+            after.incarnation == lifted[0]
+        ):
             batch.controls[wid] = Control(action="uncordon", reason="the drain was lifted",
-                                          incarnation=before.incarnation)  # fmt: skip
+                                          incarnation=lifted[0])  # fmt: skip
 
     async def _send_controls(self, batch: _Batch) -> None:
         now = time.monotonic()
@@ -673,8 +684,13 @@ class Projector:
         self._peak = n
 
     def _forget_old_controls(self, mono: float) -> None:
-        """The control rate limit only looks one second back: keep no more than that."""
+        """The control rate limit looks CONTROL_KEPT_S back at most: keep no more than that;
+        a lifted drain is repeated UNDRAIN_REPEAT_S at most."""
         if self._last_control:
-            self._last_control = {k: t for k, t in self._last_control.items() if mono - t < 1.0}
+            self._last_control = {
+                k: t for k, t in self._last_control.items() if mono - t < CONTROL_KEPT_S
+            }
+        if self._undrained:
+            self._undrained = {w: u for w, u in self._undrained.items() if u[1] > mono}
         if self._clashes_logged:
             self._clashes_logged = {c for c in self._clashes_logged if c[0] in self.entries}

@@ -203,6 +203,8 @@ class Sweeper:
         self.late_heap = DeadlineHeap()
         self._silent.clear()
         self._held.clear()
+        # a hold of before the outage or the term: judged afresh (an operator's release stays)
+        self.brake_engaged, self.held_since, self.expiries_held = False, None, 0
         for record in self.records().values():
             self._arm(record, grace_until=now, grace_s=grace_s)
         log.info("sweeper_started", workers=len(self.heap), server_time=now,

@@ -141,6 +141,8 @@ async def test_drain_tells_the_agent_which_finishes_its_task_and_leaves(
                 # a cordon cannot water a drain down
                 code, _, err = await registry_cli(url, "cordon", "cpu-d")
                 assert code == 1 and "draining" in err and "Traceback" not in err
+                code, _, err = await registry_cli(url, "drain", "cpu-d")  # nothing to add
+                assert code == 1 and "already draining by carol" in err
             await asyncio.wait_for(agent.drained(), 5.0)
             await agent.stop(reason="drained")
         r = await record(nc, "cpu-d")

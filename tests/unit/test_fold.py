@@ -285,6 +285,7 @@ def test_a_drain_names_the_live_process_and_a_cordon_cannot_soften_it() -> None:
     assert [type(o) for o in outcomes[2:]] == [Ignored, Ignored]
     rec, _ = run([register("a"), drain(), leave("a"), register("b")])
     assert rec is not None and rec.cordon is not None and not draining(rec)  # drained; still held
+    assert availability(rec).reason == "drained" and not rec.available
     rec, _ = run([register("a"), drain(), uncordon()])
     assert rec is not None and rec.cordon is None and rec.available
 
