@@ -199,18 +199,22 @@ async def serve(settings: AgentSettings, exit_when_drained: bool = False) -> Non
     drain finds it idle); leaving the block unregisters."""
     async with Agent.from_settings(settings) as agent:
         log.info("agent_running", worker_id=agent.worker_id, incarnation=agent.incarnation)
-        ended = asyncio.ensure_future(agent.wait())
-        drained = asyncio.ensure_future(agent.drained() if exit_when_drained else asyncio.Event().wait())
-        try:
-            await asyncio.wait({ended, drained}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for waiting in (ended, drained):
-                waiting.cancel()
-        if drained.done() and not drained.cancelled():
-            log.info("agent_drained", reason=agent.drain_reason)
-            await agent.stop(reason="drained")
-            return
-        ended.result()  # AgentSuperseded, AgentCutOff, AgentError
+        if exit_when_drained:
+            drained = asyncio.ensure_future(agent.drained())
+            ended = asyncio.ensure_future(agent.wait())
+            try:
+                await asyncio.wait({ended, drained}, return_when=asyncio.FIRST_COMPLETED)
+            except BaseException:  # a signal: both go
+                ended.cancel()
+                raise
+            finally:
+                drained.cancel()
+            if not ended.done():
+                ended.cancel()
+                log.info("agent_drained", reason=agent.drain_reason)
+                await agent.stop(reason="drained")
+                return
+        await agent.wait()  # until cancelled, or the agent ends by itself (AgentError)
         raise AgentError("the agent stopped by itself")
 
 

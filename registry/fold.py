@@ -187,6 +187,17 @@ def _uncordon(record: WorkerInfo | None, e: UncordonEvent, seq: int, at: datetim
     return Applied(_with(record, seq, cordon=None))
 
 
+def cordon_state(record: WorkerInfo) -> str | None:
+    """`cordoned`, `draining` (its live process was told to finish and leave) or `drained`
+    (that process has left); None when no operator holds the worker."""
+    c = record.cordon
+    if c is None:
+        return None
+    if not c.drain:
+        return "cordoned"
+    return "draining" if draining(record) else "drained"
+
+
 def draining(record: WorkerInfo) -> bool:
     """The live process of this record was told to finish and leave (and has not yet)."""
     c = record.cordon
@@ -250,10 +261,8 @@ def availability_reason(record: WorkerInfo) -> str:
         return str(record.offline_reason)
     if record.late:
         return "late"
-    if record.cordon is not None:
-        if record.cordon.drain:
-            return "draining" if draining(record) else "drained"
-        return "cordoned"
+    if (held := cordon_state(record)) is not None:
+        return held
     if record.status is not WorkerStatus.ONLINE:
         return str(record.status)
     if record.metrics.active_tasks >= record.registration.max_concurrent_tasks:

@@ -23,7 +23,8 @@ from nats.aio.client import Client
 
 from registry import protocol
 from registry.connect import auth_from_args
-from registry.protocol import Cordon, CordonEvent, DrainEvent, UncordonEvent, WorkerInfo
+from registry.fold import cordon_state
+from registry.protocol import CordonEvent, DrainEvent, UncordonEvent, WorkerInfo
 from registry.server.store import Bucket
 
 PUBLISH_TIMEOUT_S: Final = 2.0
@@ -75,17 +76,20 @@ def refusal(action: str, record: WorkerInfo | None, worker_id: str) -> str | Non
     if action == "uncordon" and cordon is None:
         return f"{worker_id} is not cordoned"
     if action == "cordon" and cordon is not None and cordon.drain:
-        return f"{worker_id} is draining ({_described(cordon)}); uncordon it first"
+        return f"{worker_id} is {_described(record)}; uncordon it first"
     live = record.incarnation if record.live else ""
     if action == "drain" and cordon is not None and cordon.drain and cordon.incarnation == live:
-        return f"{worker_id} is already {_described(cordon, record.live)}"
+        return f"{worker_id} is already {_described(record)}"
     return None
 
 
-def _described(cordon: Cordon, live: bool = False) -> str:
-    what = ("draining" if live else "drained") if cordon.drain else "cordoned"
+def _described(record: WorkerInfo) -> str:
+    """`draining by bob at 2026-12-07T15:21:49+00:00: kernel update`."""
+    cordon = record.cordon
+    assert cordon is not None
     why = f": {cordon.reason}" if cordon.reason else ""
-    return f"{what} by {cordon.by} at {cordon.at.isoformat(timespec='seconds')}{why}"
+    return (f"{cordon_state(record)} by {cordon.by} at "
+            f"{cordon.at.isoformat(timespec='seconds')}{why}")  # fmt: skip
 
 
 async def publish(nc: Client, action: str, worker_id: str, by: str, reason: str) -> int:
@@ -126,7 +130,7 @@ def outcome_line(action: str, worker_id: str, record: WorkerInfo | None, seq: in
                 f"within {FOLD_WAIT_S:g}s: is it running? It folds it when it starts")  # fmt: skip
     if record.cordon is None:
         return f"{worker_id}: uncordoned, {'available' if record.available else 'not available'}"
-    said = _described(record.cordon, record.live)
+    said = _described(record)
     if action == "drain" and not record.live:
         return f"{worker_id}: {said} (offline: nobody to tell; it stays cordoned)"
     if action == "drain":

@@ -88,22 +88,24 @@ def availability_text(r: WorkerInfo) -> str:
     if r.available:
         return f"available: {r.status}, {tasks}"
     if r.cordon is not None:
-        return f"not available: {cordon_text(r.cordon)}, {tasks}"
+        return f"not available: {cordon_text(r)}, {tasks}"
     if reason == "full":
         return f"not available: full, {tasks}"
     return f"not available: status {reason}" if r.live else f"not available: {reason}"
 
 
-def cordon_text(c: protocol.Cordon, live: bool = True) -> str:
-    """`cordoned by alice at 14:05:09, reason: disk replacement`."""
-    what = ("draining" if live else "drained") if c.drain else "cordoned"
+def cordon_text(r: WorkerInfo) -> str:
+    """`cordoned by alice at 14:05:09, reason: disk replacement` ("" when not held)."""
+    c = r.cordon
+    if c is None:
+        return ""
     why = f", reason: {c.reason}" if c.reason else ""
-    return f"{what} by {c.by} at {_when(c.at)}{why}"
+    return f"{fold.cordon_state(r)} by {c.by} at {_when(c.at)}{why}"
 
 
 def verdict(r: WorkerInfo, events: list[StoredEvent], at: datetime) -> str:
     """One sentence: the state now and its cause."""
-    held = f"; {cordon_text(r.cordon, r.live)}" if r.cordon is not None else ""
+    held = f"; {cordon_text(r)}" if r.cordon is not None else ""
     return _verdict(r, events, at) + (held if r.offline_reason is not None else "")
 
 

@@ -8,7 +8,7 @@ from typing import Final
 
 from registry import timeparse
 from registry.eventlog import StoredEvent
-from registry.fold import draining
+from registry.fold import cordon_state
 from registry.protocol import WorkerInfo, WorkerStatus
 from registry.timetravel import FleetAt
 
@@ -35,8 +35,7 @@ def status_text(r: WorkerInfo) -> str:
     if r.offline_reason is not None:
         return f"offline ({r.offline_reason})" + (", cordoned" if r.cordon is not None else "")
     if r.cordon is not None:
-        what = "draining" if draining(r) else "drained" if r.cordon.drain else "cordoned"
-        return f"{r.status} ({what} by {r.cordon.by})"
+        return f"{r.status} ({cordon_state(r)} by {r.cordon.by})"
     if r.live and r.status is WorkerStatus.ONLINE and not r.available:
         return "online (full)"
     return str(r.status)

@@ -72,7 +72,6 @@ class Sweeper:
         self.judging_in: int | None = None  # the epoch whose grace the heaps were built with
         self.expiries_published = 0
         self.lates_published = 0
-        self.expiries_held = 0
         self.brake_engaged = False
         self.held_since: float | None = None  # server time the current hold began
         self.hold_s = 0.0  # how long this hold lasts before expiries are released
@@ -94,6 +93,11 @@ class Sweeper:
     def started(self) -> bool:
         """Judging: the heaps hold every live worker's deadlines."""
         return self.judging_in is not None
+
+    @property
+    def expiries_held(self) -> int:
+        """Workers whose expiry the brake holds now."""
+        return len(self._held)
 
     def timeout_of(self, record: WorkerInfo) -> float:
         s = self.settings
@@ -204,7 +208,7 @@ class Sweeper:
         self._silent.clear()
         self._held.clear()
         # a hold of before the outage or the term: judged afresh (an operator's release stays)
-        self.brake_engaged, self.held_since, self.expiries_held = False, None, 0
+        self.brake_engaged, self.held_since = False, None
         for record in self.records().values():
             self._arm(record, grace_until=now, grace_s=grace_s)
         log.info("sweeper_started", workers=len(self.heap), server_time=now,
@@ -270,7 +274,7 @@ class Sweeper:
             if self.brake_engaged:
                 log.warning("mass_expiry_released", overdue=len(overdue), silent=silent,
                             live=live, by_operator=now < self._released_until)  # fmt: skip
-            self.brake_engaged, self.held_since, self.expiries_held = False, None, 0
+            self.brake_engaged, self.held_since = False, None
             self._held.clear()
             return overdue
         if self.held_since is None:
@@ -294,7 +298,6 @@ class Sweeper:
             self.heap.set(due.worker_id, due.last_heartbeat, again)
             self._held.add(due.worker_id)
         self._held.difference_update(d.worker_id for d in let)
-        self.expiries_held = len(self._held)
         if time.monotonic() - self._last_hold_log > HOLD_LOG_EVERY_S or let and not overdue:
             self._last_hold_log = time.monotonic()
             log.error("mass_expiry_held" if not let else "mass_expiry_releasing",
@@ -322,7 +325,7 @@ class Sweeper:
         """An operator says the silent workers are gone: expire every held one now, and
         do not brake again for a brake window. Returns how many were held."""
         now = self._now()
-        held = self.expiries_held if self.brake_engaged else 0
+        held = self.expiries_held  # none unless engaged
         self._released_until = now + max(self.settings.brake_window_s, self.hold_s)
         self.operator_releases += 1
         self._wake.set()  # the held are judged again within HOLD_RECHECK_S, unbraked
